@@ -1,0 +1,260 @@
+"""Byte-exact safetensors header parsing and building.
+
+Layout of a safetensors file: an 8-byte little-endian unsigned header length N, N bytes of UTF-8 JSON (an object
+mapping tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` plus an optional ``__metadata__``
+str->str map), then the data region. ``data_offsets`` are relative to the data start (8 + N). We parse headers
+ourselves because ``safe_open`` does not expose byte offsets, and we validate them hard: a checkpoint from a
+stranger must never make us read outside its file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .errors import HeaderError
+
+# Bits per element for every dtype code safetensors defines (safetensors/src/tensor.rs `Dtype`).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+
+# The floating dtypes the merge blends (DESIGN.md section 2: exact widening to float32 exists for these).
+BLENDABLE_DTYPES = ("BF16", "F16", "F32")
+# Floating (or complex) dtypes we cannot widen exactly to float32; they need an explicit policy.
+UNSUPPORTED_FLOAT_DTYPES = tuple(d for d in DTYPE_BITS if d.startswith(("F", "C")) and d not in BLENDABLE_DTYPES)
+
+# A header larger than this is refused. Real headers are ~100 KB for 70B models; safetensors itself caps at 100 MB.
+MAX_HEADER_BYTES = 100_000_000
+HEADER_ALIGNMENT = 8
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a safetensors header. ``begin``/``end`` are relative to the data start."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed safetensors header: tensors in data order, metadata, and where the data region starts."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    data_start: int = 8
+    data_size: int = 0
+
+
+def nbytes_for(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Bytes a tensor of ``dtype`` and ``shape`` occupies; raises ValueError when not a whole number of bytes."""
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise ValueError(f"{math.prod(shape)} elements of {dtype} do not fill a whole number of bytes")
+    return bits // 8
+
+
+def _fail(path: str, msg: str) -> HeaderError:
+    return HeaderError(f"{path}: invalid safetensors header: {msg}")
+
+
+def parse_header(raw: bytes, file_size: int, path: str = "<memory>") -> Header:
+    """Parse and validate the header bytes of a safetensors file.
+
+    Args:
+        raw (`bytes`): the file's first ``8 + N`` bytes (at least the 8-byte length prefix).
+        file_size (`int`): the file's total size in bytes, to check every span lies inside it.
+        path (`str`): named in error messages.
+
+    Returns:
+        [`Header`]: tensors ordered by data offset, the metadata, the data start and data size.
+
+    Raises:
+        [`HeaderError`]: for any violation of the format, naming ``path`` (and the tensor where there is one).
+    """
+    if file_size < 8 or len(raw) < 8:
+        raise _fail(path, f"file is {file_size} bytes, shorter than the 8-byte length prefix (truncated download?)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > MAX_HEADER_BYTES:
+        raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt or not safetensors)")
+    if 8 + n > file_size:
+        raise _fail(path, f"header length {n} runs past the end of the {file_size}-byte file (truncated?)")
+    if len(raw) < 8 + n:
+        raise _fail(path, f"header is {n} bytes but only {len(raw) - 8} were given")
+    try:
+        text = raw[8 : 8 + n].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"header is not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys(path))
+    except HeaderError:
+        raise
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise _fail(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, f"header JSON must be an object, got {type(obj).__name__}")
+
+    metadata: dict[str, str] = {}
+    if METADATA_KEY in obj:
+        meta = obj.pop(METADATA_KEY)
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise _fail(path, "__metadata__ must map strings to strings")
+        metadata = meta
+
+    data_start = 8 + n
+    data_size = file_size - data_start
+    tensors: list[TensorInfo] = []
+    for name, entry in obj.items():
+        tensors.append(_parse_entry(path, name, entry, data_size))
+
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    cursor = 0
+    for t in tensors:
+        if t.begin < cursor:
+            prev = next(p for p in tensors if p.end > t.begin and p is not t)
+            raise _fail(path, f"tensor {t.name!r} bytes [{t.begin}, {t.end}) overlap tensor {prev.name!r}")
+        if t.begin > cursor:
+            raise _fail(path, f"gap of {t.begin - cursor} bytes before tensor {t.name!r} (data must be contiguous)")
+        cursor = t.end
+    if cursor != data_size:
+        raise _fail(
+            path,
+            f"tensors cover {cursor} bytes but the data region is {data_size} bytes "
+            f"({'trailing bytes' if cursor < data_size else 'truncated'})",
+        )
+    return Header(tensors={t.name: t for t in tensors}, metadata=metadata, data_start=data_start, data_size=data_size)
+
+
+def _no_duplicate_keys(path: str):
+    def hook(pairs):
+        seen: dict = {}
+        for k, v in pairs:
+            if k in seen:
+                raise _fail(path, f"duplicate key {k!r} in header")
+            seen[k] = v
+        return seen
+
+    return hook
+
+
+def _parse_entry(path: str, name: str, entry: object, data_size: int) -> TensorInfo:
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise _fail(path, f"{where}: entry must be an object")
+    extra = set(entry) - {"dtype", "shape", "data_offsets"}
+    missing = {"dtype", "shape", "data_offsets"} - set(entry)
+    if missing:
+        raise _fail(path, f"{where}: missing {sorted(missing)}")
+    if extra:
+        raise _fail(path, f"{where}: unexpected keys {sorted(extra)}")
+    dtype = entry["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise _fail(path, f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)})")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise _fail(path, f"{where}: shape must be a list of integers, got {shape!r}")
+    if any(d < 0 for d in shape):
+        raise _fail(path, f"{where}: negative dimension in shape {shape}")
+    offsets = entry["data_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise _fail(path, f"{where}: data_offsets must be two integers, got {offsets!r}")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise _fail(path, f"{where}: data_offsets {offsets} are not an increasing, non-negative pair")
+    if end > data_size:
+        raise _fail(path, f"{where}: data_offsets end {end} lies past the end of the data region ({data_size} bytes)")
+    numel = math.prod(shape)
+    bits = numel * DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != end - begin:
+        raise _fail(
+            path,
+            f"{where}: shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets span {end - begin}",
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate the header of the safetensors file at ``path``."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return parse_header(prefix, size, path)
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                return parse_header(prefix, size, path)
+            raw = prefix + f.read(n)
+    except OSError as e:
+        raise HeaderError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_header(raw, size, path)
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[
+    bytes, dict[str, tuple[int, int]]
+]:
+    """Build header bytes for tensors laid out contiguously in the given order.
+
+    Args:
+        entries (`list[tuple[str, str, tuple[int, ...]]]`): (name, dtype, shape) in data order.
+        metadata (`dict[str, str]`, *optional*): written as ``__metadata__``.
+
+    Returns:
+        `tuple[bytes, dict]`: the full header (8-byte length + JSON padded with spaces to a multiple of 8) and each
+        tensor's (begin, end) relative to the data start.
+    """
+    obj: dict[str, object] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("metadata must map str to str")
+        obj[METADATA_KEY] = metadata
+    spans: dict[str, tuple[int, int]] = {}
+    cursor = 0
+    for name, dtype, shape in entries:
+        if name in obj or name == METADATA_KEY:
+            raise ValueError(f"duplicate or reserved tensor name {name!r}")
+        size = nbytes_for(dtype, shape)
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + size]}
+        spans[name] = (cursor, cursor + size)
+        cursor += size
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(text)) + text, spans
