@@ -1,0 +1,297 @@
+"""The library entry points: :func:`plan` and :func:`merge`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import Checkpoint, open_checkpoint
+from .engines import EngineStats, Progress
+from .errors import EngineError, OutputError
+from .options import MergeOptions
+from .plan import MergePlan, build_plan, check_disk_space
+from .writer import MANIFEST, OutputWriter
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class MergeReport:
+    """What a merge did and measured.
+
+    Attributes:
+        out_dir (`str`): the output directory.
+        device (`str`): the engine that ran ("cpu" or "cuda").
+        tensors_merged / tensors_copied (`int`): blended tensors / tensors taken from the target.
+        copied_reasons (`dict[str, int]`): why tensors were copied (non-floating, policies).
+        bytes_read / bytes_written (`int`): input bytes read and output bytes written.
+        seconds (`float`): wall time of the whole merge, planning included.
+        gbps (`float`): (bytes_read + bytes_written) / seconds / 1e9.
+        peak_rss_anon (`int`): peak anonymous resident memory of the process during the merge (bytes).
+        peak_gpu_memory (`int`): peak GPU allocation (bytes, 0 on the CPU engine).
+        output_files (`list[str]`): the files written, weights first.
+    """
+
+    out_dir: str
+    device: str
+    tensors_merged: int
+    tensors_copied: int
+    copied_reasons: dict[str, int]
+    ignored_extra: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    gbps: float
+    peak_rss_anon: int
+    peak_gpu_memory: int
+    output_files: list[str]
+    warnings: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
+    if options is not None:
+        if kwargs:
+            options = MergeOptions.create(**{**asdict(options), **kwargs})
+        options.validate()
+        return options
+    return MergeOptions.create(**kwargs)
+
+
+def _open_all(target, sft, grpo) -> dict[str, Checkpoint]:
+    ckpts: dict[str, Checkpoint] = {}
+    try:
+        for label, src in (("target", target), ("sft", sft), ("grpo", grpo)):
+            ckpts[label] = open_checkpoint(src, label)
+    except BaseException:
+        for c in ckpts.values():
+            c.close()
+        raise
+    return ckpts
+
+
+def _check_paths(out: Path, ckpts: dict[str, Checkpoint]) -> None:
+    out_real = Path(os.path.realpath(out))
+    for label, ck in ckpts.items():
+        root = Path(os.path.realpath(ck.root))
+        if out_real == root or root in out_real.parents:
+            raise OutputError(
+                f"{out}: the output directory is, or lies inside, the {label} checkpoint directory {ck.root}; "
+                "inputs are never written: choose a directory outside every input"
+            )
+        if out_real in root.parents:
+            raise OutputError(
+                f"{out}: the {label} checkpoint {ck.root} lies inside the output directory; choose another output"
+            )
+
+
+def plan(
+    target: str | os.PathLike,
+    sft: str | os.PathLike,
+    grpo: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    options: MergeOptions | None = None,
+    **kwargs,
+) -> MergePlan:
+    """Read headers only and describe the merge: pairing, output layout, bytes to move, disk and memory needed.
+
+    Args:
+        target, sft, grpo (`str | os.PathLike`): checkpoint directories, index files or single .safetensors files.
+        out (`str | os.PathLike`, *optional*): the output directory, to check paths and free disk space.
+        options (`MergeOptions`, *optional*): all options at once; or pass them as keywords (see `merge`).
+
+    Returns:
+        [`MergePlan`]: call ``.summary()`` for a JSON-friendly description.
+
+    Raises:
+        [`StreamMergeError`]: anything the merge itself would refuse.
+    """
+    opts = _options(options, kwargs)
+    ckpts = _open_all(target, sft, grpo)
+    try:
+        p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
+        if out is not None:
+            _check_paths(Path(out), ckpts)
+            check_disk_space(p, Path(out))
+        return p
+    finally:
+        for c in ckpts.values():
+            c.close()
+
+
+def select_engine(device: str, threads: int | None = None):
+    """The engine for ``device`` ("auto", "cpu", "cuda") and a note saying why it was chosen."""
+    if device == "cpu":
+        from .engines.cpu import CpuEngine
+
+        return CpuEngine(threads), "cpu (requested)"
+    cuda_ok, why = _cuda_usable()
+    if device == "cuda":
+        if not cuda_ok:
+            raise EngineError(f"--device cuda: {why}; use --device cpu or auto")
+        from .engines.cuda import CudaEngine
+
+        return CudaEngine(), "cuda (requested)"
+    if cuda_ok:
+        from .engines.cuda import CudaEngine
+
+        return CudaEngine(), "cuda (auto: GPU and triton found)"
+    from .engines.cpu import CpuEngine
+
+    return CpuEngine(threads), f"cpu (auto: {why})"
+
+
+def _cuda_usable() -> tuple[bool, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU available"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    try:
+        from .engines import cuda  # noqa: F401
+    except ImportError as e:
+        return False, f"the CUDA engine is unavailable ({e})"
+    return True, ""
+
+
+def merge(
+    target: str | os.PathLike,
+    sft: str | os.PathLike,
+    grpo: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    alpha: float = 1.0,
+    device: str = "auto",
+    options: MergeOptions | None = None,
+    progress: ProgressCallback | None = None,
+    **kwargs,
+) -> MergeReport:
+    """Compute ``out = target + alpha * (grpo - sft)`` tensor by tensor, chunk by chunk, into a new directory.
+
+    Args:
+        target (`str | os.PathLike`): the checkpoint that receives the vector.
+        sft, grpo (`str | os.PathLike`): the pair whose difference ``grpo - sft`` is the (reasoning) vector.
+        out (`str | os.PathLike`): the output directory: new, empty, or a previous streammerge output with
+            ``overwrite=True``; never inside an input.
+        alpha (`float`, defaults to 1.0): scale of the vector; -1 removes it.
+        device (`str`, defaults to "auto"): "auto", "cpu" or "cuda".
+        options (`MergeOptions`, *optional*): every option at once; keywords override it.
+        progress (`Callable[[Progress], None]`, *optional*): called after each chunk with bytes done/total.
+        **kwargs: any other `MergeOptions` field: ``chunk_bytes`` (int or "64MiB"), ``max_shard_size`` ("5GB"),
+            ``out_dtype`` ("bf16"/"fp16"/"fp32"), ``missing``, ``extra``, ``shape_mismatch``,
+            ``unsupported_dtype``, ``threads``, ``overwrite``, ``copy_aux_files``.
+
+    Returns:
+        [`MergeReport`]: counts, bytes, wall time, GB/s, peak memory and output files.
+
+    Raises:
+        [`StreamMergeError`] subclasses: `CheckpointError`/`HeaderError` (bad input), `TensorMismatchError`
+        (pairing), `OptionsError`, `OutputError` (output location, disk full), `EngineError`.
+
+    Example:
+        ```py
+        >>> import streammerge
+        >>> report = streammerge.merge("Qwen2.5-7B-Instruct", "sft", "grpo", "out", alpha=1.0, chunk_bytes="64MiB")
+        >>> report.gbps, report.output_files[:1]
+        ```
+    """
+    t_start = time.perf_counter()
+    opts = _options(options, {"alpha": alpha, "device": device, **kwargs})
+    out_dir = Path(out)
+    ckpts = _open_all(target, sft, grpo)
+    try:
+        p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
+        _check_paths(out_dir, ckpts)
+        check_disk_space(p, out_dir)
+        engine, engine_note = select_engine(opts.device, opts.threads)
+        with OutputWriter(out_dir, p) as writer:
+            stats: EngineStats = engine.run(p, ckpts, writer, progress)
+            seconds_so_far = time.perf_counter() - t_start
+            small = _small_files(p, ckpts["target"], engine.name, seconds_so_far)
+            writer.finalize(small)
+        seconds = time.perf_counter() - t_start
+        moved = p.bytes_read + p.bytes_written
+        files = [f.name for f in p.files] + list(small) + (["model.safetensors.index.json"] if p.is_sharded else [])
+        return MergeReport(
+            out_dir=str(out_dir),
+            device=engine.name,
+            tensors_merged=p.merged,
+            tensors_copied=p.copied,
+            copied_reasons=dict(p.copied_reasons),
+            ignored_extra=len(p.ignored_extra),
+            bytes_read=p.bytes_read,
+            bytes_written=p.bytes_written,
+            seconds=seconds,
+            gbps=moved / seconds / 1e9 if seconds > 0 else 0.0,
+            peak_rss_anon=stats.peak_rss_anon,
+            peak_gpu_memory=stats.peak_gpu_memory,
+            output_files=[f for f in files if f != MANIFEST],
+            warnings=list(p.warnings) + [f"engine: {engine_note}"] + stats.notes,
+            stage_seconds=dict(stats.stage_seconds),
+        )
+    finally:
+        for c in ckpts.values():
+            c.close()
+
+
+def _small_files(p: MergePlan, target: Checkpoint, device: str, seconds: float) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for path in p.aux_files:
+        files[path.name] = path.read_bytes()
+    files["README.md"] = model_card(p).encode()
+    manifest = {
+        "streammerge_version": __version__,
+        "formula": "target + alpha * (grpo - sft)",
+        "sources": p.sources,
+        "options": {k: v for k, v in asdict(p.options).items() if k not in ("overwrite",)},
+        "files": [f.name for f in p.files] + list(files) + (["model.safetensors.index.json"] if p.is_sharded else []),
+        "file_sizes": {f.name: f.size for f in p.files},
+    }
+    files[MANIFEST] = (json.dumps(manifest, indent=2, default=str) + "\n").encode()
+    return files
+
+
+def model_card(p: MergePlan) -> str:
+    """A Hugging Face model card (README.md) recording what was merged and how."""
+    o = p.options
+    reasons = "".join(f"\n| copied: {k} | {v} |" for k, v in sorted(p.copied_reasons.items()))
+    return f"""---
+tags:
+- merge
+- streammerge
+- reasoning-vector
+---
+# Merged with streammerge {__version__}
+
+`θ_out = θ_target + α·(θ_grpo − θ_sft)` — the reasoning-vector transfer of Zbeeb, Hammoud and Ghanem,
+"Reasoning Vectors: Transferring Chain-of-Thought Capabilities via Task Arithmetic" (arXiv:2509.01363).
+
+| | |
+|---|---|
+| target | `{p.sources["target"]}` |
+| sft | `{p.sources["sft"]}` |
+| grpo | `{p.sources["grpo"]}` |
+| α | {o.alpha!r} |
+| output dtype | {o.out_dtype or "target's dtype per tensor"} |
+| tensors merged | {p.merged} |{reasons}
+| parameters | {p.parameters:,} |
+
+Numerics: each element is computed in IEEE float32 as `d = g − s; m = α·d; r = t + m` (separate roundings, no
+FMA) and rounded once to the output dtype, round-to-nearest-even; every NaN is written as the canonical quiet NaN.
+The output bytes do not depend on the device that computed them.
+
+Policies: missing={o.missing}, extra={o.extra}, shape-mismatch={o.shape_mismatch},
+unsupported-dtype={o.unsupported_dtype}.
+"""

@@ -1,0 +1,347 @@
+"""Resolve a checkpoint (directory, index, single file) into named tensor references backed by read-only mmaps.
+
+Nothing in an input directory is ever written: files are opened ``O_RDONLY`` and mapped ``ACCESS_READ``.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, HeaderError, format_name_list
+from .format import Header, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files copied from the target next to the merged weights: what AutoConfig/AutoTokenizer/generate() read.
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+MAX_INDEX_BYTES = 64_000_000
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "U8": torch.uint8,
+}
+
+# torch.frombuffer warns on every read-only buffer; our views are only ever read.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live: ``file`` (index into the checkpoint's files) at absolute ``offset``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: int
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Checkpoint:
+    """A safetensors checkpoint: its files, validated headers, tensors by name and read-only mmaps.
+
+    Args:
+        source (`str | os.PathLike`): a directory holding ``model.safetensors`` or shards plus
+            ``model.safetensors.index.json``, a single ``.safetensors`` file, or an index file.
+        allowed_roots (`list[Path]`, *optional*): extra directories that symlinked files may resolve into (the Hub
+            cache's blob store for a snapshot).
+        label (`str`, *optional*): how errors refer to this checkpoint ("target", "sft", "grpo").
+
+    Raises:
+        [`CheckpointError`], [`HeaderError`]: the checkpoint cannot be resolved, or a header or index is invalid.
+
+    Example:
+        ```py
+        >>> ckpt = Checkpoint("path/to/Qwen2.5-7B")
+        >>> ref = ckpt.tensors["model.embed_tokens.weight"]
+        >>> view = ckpt.view(ref, 0, ref.nbytes)  # zero-copy torch.uint8 view of the bytes
+        ```
+    """
+
+    def __init__(self, source: str | os.PathLike, *, allowed_roots: list[Path] | None = None, label: str = ""):
+        self.source = str(source)
+        self.label = label
+        path = Path(source)
+        if not path.exists():
+            raise CheckpointError(f"{self._who()}{path}: no such file or directory")
+        if path.is_dir():
+            self.root = path
+            index = path / INDEX_FILE
+            if not index.exists():
+                others = sorted(p.name for p in path.glob("*.safetensors.index.json"))
+                index = path / others[0] if len(others) == 1 else index
+            if index.exists():
+                self.index_path: Path | None = index
+                files = self._files_from_index(index)
+            elif (path / SINGLE_FILE).exists():
+                self.index_path = None
+                files = [path / SINGLE_FILE]
+            else:
+                raise CheckpointError(self._explain_empty(path))
+        elif path.name.endswith(".index.json"):
+            self.root = path.parent
+            self.index_path = path
+            files = self._files_from_index(path)
+        elif path.suffix == ".safetensors":
+            self.root = path.parent
+            self.index_path = None
+            files = [path]
+        elif path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(_pickle_message(path))
+        else:
+            raise CheckpointError(f"{self._who()}{path}: not a .safetensors file, an index or a checkpoint directory")
+
+        self._root_real = Path(os.path.realpath(self.root))
+        self._allowed = [self._root_real] + [Path(os.path.realpath(r)) for r in (allowed_roots or [])]
+        for f in files:
+            self._check_inside(f)
+        self.files: list[Path] = files
+        self.headers: list[Header] = []
+        self.tensors: dict[str, TensorRef] = {}
+        owner: dict[str, Path] = {}
+        for i, f in enumerate(files):
+            if not f.is_file():
+                raise CheckpointError(f"{self._who()}{f}: shard named by {self.index_path} does not exist")
+            header = read_header(f)
+            self.headers.append(header)
+            for name, info in header.tensors.items():
+                if name in owner:
+                    raise CheckpointError(
+                        f"{self._who()}tensor {name!r} is stored twice: in {owner[name]} and in {f}; "
+                        "the checkpoint is inconsistent"
+                    )
+                owner[name] = f
+                self.tensors[name] = TensorRef(
+                    name, info.dtype, info.shape, i, header.data_start + info.begin, info.nbytes
+                )
+        if self.index_path is not None:
+            self._check_index_agrees(owner)
+        self._maps: list[mmap.mmap | None] = [None] * len(files)
+        self._fds: list[int | None] = [None] * len(files)
+
+    # ------------------------------------------------------------------ resolution helpers
+    def _who(self) -> str:
+        return f"{self.label} checkpoint: " if self.label else ""
+
+    def _explain_empty(self, path: Path) -> str:
+        entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        st = [e for e in entries if e.endswith(".safetensors")]
+        pickles = [e for e in entries if e.endswith(PICKLE_SUFFIXES)]
+        if st:
+            return (
+                f"{self._who()}{path}: has {format_name_list(st, 5)} but neither {SINGLE_FILE} nor {INDEX_FILE}; "
+                "pass the .safetensors file itself, or add an index"
+            )
+        if pickles:
+            return _pickle_message(path / pickles[0])
+        if not entries:
+            return f"{self._who()}{path}: directory is empty (expected {SINGLE_FILE} or {INDEX_FILE})"
+        return f"{self._who()}{path}: no safetensors weights found (expected {SINGLE_FILE} or {INDEX_FILE})"
+
+    def _files_from_index(self, index: Path) -> list[Path]:
+        try:
+            size = index.stat().st_size
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointError(f"{self._who()}{index}: index is {size} bytes, larger than any real index")
+            obj = json.loads(index.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{self._who()}{index}: index is not valid JSON ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{self._who()}{index}: cannot read index ({e.strerror or e})") from None
+        wm = obj.get("weight_map") if isinstance(obj, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+            raise CheckpointError(f"{self._who()}{index}: index needs a \"weight_map\" object mapping names to files")
+        if not wm:
+            raise CheckpointError(f"{self._who()}{index}: index weight_map is empty")
+        self._weight_map: dict[str, str] = wm
+        names: list[str] = []
+        for fname in wm.values():
+            if fname not in names:
+                names.append(fname)
+        files = []
+        for fname in names:
+            p = Path(fname)
+            if p.is_absolute() or ".." in p.parts or fname.startswith(("/", "\\")) or "\\" in fname:
+                raise CheckpointError(
+                    f"{self._who()}{index}: weight_map names {fname!r}; shard paths must be relative and stay "
+                    "inside the checkpoint directory"
+                )
+            files.append(index.parent / p)
+        return files
+
+    def _check_inside(self, f: Path) -> None:
+        real = Path(os.path.realpath(f))
+        if not any(real == r or r in real.parents for r in self._allowed):
+            raise CheckpointError(
+                f"{self._who()}{f}: resolves to {real}, outside the checkpoint directory {self._root_real}; "
+                "refusing to follow it"
+            )
+
+    def _check_index_agrees(self, owner: dict[str, Path]) -> None:
+        wrong = []
+        for name, fname in self._weight_map.items():
+            actual = owner.get(name)
+            if actual is None:
+                wrong.append(f"{name} (in index as {fname}, in no shard)")
+            elif actual != self.index_path.parent / fname:  # type: ignore[union-attr]
+                wrong.append(f"{name} (index says {fname}, found in {actual.name})")
+        unindexed = [n for n in owner if n not in self._weight_map]
+        wrong += [f"{n} (in {owner[n].name}, not in the index)" for n in unindexed]
+        if wrong:
+            raise CheckpointError(
+                f"{self._who()}{self.index_path}: weight_map disagrees with the shard headers for {len(wrong)} "
+                f"tensor(s): {format_name_list(wrong)}. Re-download the checkpoint or fix its index"
+            )
+
+    def aux_files(self) -> list[Path]:
+        """Config, generation config, tokenizer and chat-template files beside the weights (inside the root)."""
+        out = []
+        for name in AUX_FILES:
+            p = self.root / name
+            if p.is_file():
+                try:
+                    self._check_inside(p)
+                except CheckpointError:
+                    continue
+                out.append(p)
+        return out
+
+    # ------------------------------------------------------------------ data access
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self.tensors.values())
+
+    def _map(self, i: int) -> mmap.mmap:
+        m = self._maps[i]
+        if m is None:
+            fd = os.open(self.files[i], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                size = os.fstat(fd).st_size
+                expected = self.headers[i].data_start + self.headers[i].data_size
+                if size != expected:
+                    raise CheckpointError(
+                        f"{self._who()}{self.files[i]}: file changed while merging ({size} bytes, expected {expected})"
+                    )
+                m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fds[i] = fd
+            self._maps[i] = m
+        return m
+
+    def fd(self, i: int) -> int:
+        self._map(i)
+        return self._fds[i]  # type: ignore[return-value]
+
+    def view(self, ref: TensorRef, start: int, stop: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """A zero-copy tensor over bytes [start, stop) of ``ref`` (relative to the tensor), read-only by contract."""
+        if not 0 <= start <= stop <= ref.nbytes:
+            raise ValueError(f"byte range [{start}, {stop}) outside tensor {ref.name!r} of {ref.nbytes} bytes")
+        if stop == start:
+            return torch.empty(0, dtype=dtype)
+        m = self._map(ref.file)
+        return torch.frombuffer(m, dtype=dtype, count=(stop - start) // _itemsize(dtype), offset=ref.offset + start)
+
+    def release(self, ref: TensorRef, start: int, stop: int) -> None:
+        """Drop this process's mapping of fully consumed pages in [start, stop) (page cache stays warm)."""
+        m = self._maps[ref.file]
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        a = -(-(ref.offset + start) // page) * page
+        b = (ref.offset + stop) // page * page
+        if b > a:
+            try:
+                m.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, ValueError):
+                pass
+
+    def prefetch(self, ref: TensorRef, start: int, stop: int) -> None:
+        """Ask the kernel to read [start, stop) ahead (cold cache); cheap when the pages are already cached."""
+        m = self._maps[ref.file] or self._map(ref.file)
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        page = mmap.PAGESIZE
+        a = (ref.offset + start) // page * page
+        b = ref.offset + stop
+        if b > a:
+            try:
+                m.madvise(mmap.MADV_WILLNEED, a, b - a)
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        for i, m in enumerate(self._maps):
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass  # a caller still holds a view; the map closes when it is collected
+                self._maps[i] = None
+            fd = self._fds[i]
+            if fd is not None:
+                os.close(fd)
+                self._fds[i] = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.source!r}, files={len(self.files)}, tensors={len(self.tensors)})"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _pickle_message(path: Path) -> str:
+    return (
+        f"{path}: pickle weights (.bin/.pt) are never loaded (unpickling runs arbitrary code). Convert the "
+        "checkpoint to safetensors first, e.g. `AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst, "
+        "safe_serialization=True)` in a trusted environment, or use the safetensors version of the repository"
+    )
+
+
+def open_checkpoint(source: str | os.PathLike, label: str = "") -> Checkpoint:
+    """Open a checkpoint, turning unexpected OS errors into a `CheckpointError` naming it."""
+    try:
+        return Checkpoint(source, label=label)
+    except (CheckpointError, HeaderError):
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{label + ' checkpoint: ' if label else ''}{source}: {e.strerror or e}") from None

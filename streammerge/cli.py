@@ -1,0 +1,431 @@
+"""The ``streammerge`` command line: a thin layer over the library calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import StreamMergeError
+
+app = typer.Typer(
+    name="streammerge",
+    help=(
+        "Stream-merge safetensors checkpoints with bounded memory: OUT = TARGET + alpha * (GRPO - SFT).\n\n"
+        "Example: streammerge merge Qwen2.5-7B-Instruct sft/ grpo/ -o merged/ --alpha 1"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so temporary files are removed on the way out."""
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _run(fn, *args, **kwargs):
+    """Run a command body: known errors become one line and exit 1; Ctrl-C exits 130 after cleanup."""
+    debug = os.environ.get("STREAMMERGE_DEBUG", "") not in ("", "0")
+    old = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (e.g. embedded use)
+        old = None
+    try:
+        return fn(*args, **kwargs)
+    except StreamMergeError as e:
+        if debug:
+            traceback.print_exc()
+        _stderr(f"error: {e}")
+        raise typer.Exit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        _stderr("interrupted: temporary files removed, no output was completed")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except _Terminated:
+        _stderr("terminated: temporary files removed, no output was completed")
+        raise typer.Exit(EXIT_TERMINATED) from None
+    except MemoryError:
+        _stderr("error: out of memory; lower --chunk-size")
+        raise typer.Exit(EXIT_ERROR) from None
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        _stderr(f"error: {where}{e.strerror or e}")
+        raise typer.Exit(EXIT_ERROR) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as e:  # a bug: one line unless debugging
+        if debug:
+            traceback.print_exc()
+        _stderr(f"internal error: {type(e).__name__}: {e} (set STREAMMERGE_DEBUG=1 for the traceback, and report it)")
+        raise typer.Exit(EXIT_ERROR) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------------------- shared options
+TargetArg = Annotated[str, typer.Argument(help="Target checkpoint (directory, index or .safetensors file).")]
+SftArg = Annotated[str, typer.Argument(help="SFT checkpoint: the vector's base (subtracted).")]
+GrpoArg = Annotated[str, typer.Argument(help="GRPO checkpoint: the vector's end (added).")]
+AlphaOpt = Annotated[float, typer.Option("--alpha", "-a", help="Scale of the vector; 1 adds it, -1 removes it.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when a GPU and triton are present, else CPU), cpu or cuda.")
+]
+ChunkOpt = Annotated[
+    str, typer.Option("--chunk-size", help="Largest buffer per chunk: bytes, or 64MiB / 512MB / 1GiB. Bounds memory.")
+]
+ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Output shard size limit (decimal: 5GB = 5e9 bytes).")]
+OutDtypeOpt = Annotated[
+    str | None, typer.Option("--out-dtype", help="bf16, fp16 or fp32 for every blended tensor (default: target's).")
+]
+MissingOpt = Annotated[
+    str, typer.Option("--missing", help="Target tensor absent from sft/grpo: error or copy-target.")
+]
+ExtraOpt = Annotated[str, typer.Option("--extra", help="sft/grpo tensor absent from the target: error or ignore.")]
+ShapeOpt = Annotated[
+    str, typer.Option("--shape-mismatch", help="Shapes differ across the three: error or copy-target.")
+]
+UnsupOpt = Annotated[
+    str,
+    typer.Option("--unsupported-dtype", help="Floating tensor not in bf16/fp16/fp32 (F64, FP8): error or copy-target."),
+]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the math (default: all cores).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _options(**kw):
+    from .options import MergeOptions
+
+    return MergeOptions.create(**kw)
+
+
+def _print_plan(summary: dict, out: str | None) -> None:
+    s = summary
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["copied_reasons"].items())) or "none"
+    lines = [
+        f"target  {s['sources']['target']}",
+        f"sft     {s['sources']['sft']}",
+        f"grpo    {s['sources']['grpo']}",
+        f"alpha   {s['alpha']!r}",
+        f"tensors {s['tensors']} ({s['parameters']:,} parameters): {s['merged']} merged, {s['copied']} copied "
+        f"({reasons})" + (f", {s['ignored_extra']} sft/grpo-only ignored" if s["ignored_extra"] else ""),
+        f"output  {len(s['output_files'])} file(s)" + (f" in {out}" if out else ""),
+        f"read    {_gb(s['bytes_read'])}",
+        f"write   {_gb(s['bytes_written'])}",
+        f"disk    {_gb(s['disk_needed'])} needed"
+        + (f", {_gb(s['free_disk'])} free" if s.get("free_disk") is not None else ""),
+        f"memory  ~{_gb(s['expected_peak_host_memory'])} host buffers (chunk {_gb(s['chunk_bytes'])}, "
+        f"{s['chunks']} chunks); independent of model size",
+    ]
+    print("\n".join(lines))
+    for w in s["warnings"]:
+        _stderr(f"warning: {w}")
+
+
+def _plan_body(target, sft, grpo, out, opts, as_json: bool) -> None:
+    from .api import plan as plan_fn
+
+    p = plan_fn(target, sft, grpo, out, options=opts)
+    summary = p.summary()
+    summary["free_disk"] = getattr(p, "free_disk", None)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_plan(summary, out)
+
+
+@app.command()
+def merge(
+    target: TargetArg,
+    sft: SftArg,
+    grpo: GrpoArg,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory (new or empty).")],
+    alpha: AlphaOpt = 1.0,
+    device: DeviceOpt = "auto",
+    chunk_size: ChunkOpt = "16MiB",
+    max_shard_size: ShardOpt = "5GB",
+    out_dtype: OutDtypeOpt = None,
+    missing: MissingOpt = "error",
+    extra: ExtraOpt = "error",
+    shape_mismatch: ShapeOpt = "error",
+    unsupported_dtype: UnsupOpt = "error",
+    threads: ThreadsOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous streammerge output in OUT.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: check everything, write nothing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only errors and the summary.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge: OUT = TARGET + alpha * (GRPO - SFT), streamed chunk by chunk.
+
+    Examples:
+
+      streammerge merge Qwen2.5-7B-Instruct ./sft ./grpo -o ./merged
+
+      streammerge merge target/ sft/ grpo/ -o out/ --alpha -1          # remove the vector
+
+      streammerge merge t/ s/ g/ -o out/ --device cuda --chunk-size 256MiB --max-shard-size 10GB
+    """
+
+    def body():
+        opts = _options(
+            alpha=alpha,
+            device=device,
+            chunk_bytes=chunk_size,
+            max_shard_size=max_shard_size,
+            out_dtype=out_dtype,
+            missing=missing,
+            extra=extra,
+            shape_mismatch=shape_mismatch,
+            unsupported_dtype=unsupported_dtype,
+            threads=threads,
+            overwrite=overwrite,
+        )
+        if dry_run:
+            _plan_body(target, sft, grpo, out, opts, as_json)
+            return
+        _merge_body(target, sft, grpo, out, opts, quiet, as_json)
+
+    _run(body)
+
+
+def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool) -> None:
+    from rich.console import Console
+
+    from .api import merge as merge_fn
+
+    console = Console(stderr=True)
+    show_bar = console.is_terminal and not quiet and not as_json
+    if show_bar:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        with Progress(
+            TextColumn("[bold]merging"),
+            BarColumn(),
+            DownloadColumn(binary_units=False),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("merge", total=None)
+
+            def on_progress(ev):
+                bar.update(task, completed=ev.bytes_done, total=ev.bytes_total)
+
+            report = merge_fn(target, sft, grpo, out, options=opts, progress=on_progress)
+    else:
+        report = merge_fn(target, sft, grpo, out, options=opts)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.copied_reasons.items()))
+    print(
+        f"merged {report.tensors_merged} tensors, copied {report.tensors_copied}"
+        + (f" ({reasons})" if reasons else "")
+        + f" -> {report.out_dir} ({len(report.output_files)} files)"
+    )
+    print(
+        f"read {_gb(report.bytes_read)}, wrote {_gb(report.bytes_written)} in {report.seconds:.2f} s = "
+        f"{report.gbps:.2f} GB/s; peak anonymous memory {_gb(report.peak_rss_anon)}"
+        + (f", peak GPU memory {_gb(report.peak_gpu_memory)}" if report.peak_gpu_memory else "")
+    )
+    for w in report.warnings:
+        print(w if w.startswith("engine:") else f"warning: {w}")
+
+
+@app.command()
+def plan(
+    target: TargetArg,
+    sft: SftArg,
+    grpo: GrpoArg,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Output directory, to check paths and disk.")] = None,
+    alpha: AlphaOpt = 1.0,
+    chunk_size: ChunkOpt = "16MiB",
+    max_shard_size: ShardOpt = "5GB",
+    out_dtype: OutDtypeOpt = None,
+    missing: MissingOpt = "error",
+    extra: ExtraOpt = "error",
+    shape_mismatch: ShapeOpt = "error",
+    unsupported_dtype: UnsupOpt = "error",
+    as_json: JsonOpt = False,
+) -> None:
+    """Read headers only: pairing, output layout, bytes to move, disk and memory needed. Fails on what merge would.
+
+    Example:
+
+      streammerge plan Qwen2.5-7B-Instruct ./sft ./grpo -o ./merged
+    """
+    _run(
+        lambda: _plan_body(
+            target,
+            sft,
+            grpo,
+            out,
+            _options(
+                alpha=alpha,
+                chunk_bytes=chunk_size,
+                max_shard_size=max_shard_size,
+                out_dtype=out_dtype,
+                missing=missing,
+                extra=extra,
+                shape_mismatch=shape_mismatch,
+                unsupported_dtype=unsupported_dtype,
+            ),
+            as_json,
+        )
+    )
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, index or .safetensors file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Summarise a checkpoint: files, tensors, parameters, dtypes, largest shapes.
+
+    Example:
+
+      streammerge inspect ./Qwen2.5-7B-Instruct
+    """
+
+    def body():
+        from .checkpoint import open_checkpoint
+
+        with open_checkpoint(checkpoint) as ck:
+            dtypes: dict[str, int] = {}
+            params = 0
+            for r in ck.tensors.values():
+                dtypes[r.dtype] = dtypes.get(r.dtype, 0) + 1
+                params += r.numel
+            largest = sorted(ck.tensors.values(), key=lambda r: -r.nbytes)[:5]
+            info = {
+                "checkpoint": ck.source,
+                "files": [str(f.name) for f in ck.files],
+                "index": str(ck.index_path.name) if ck.index_path else None,
+                "tensors": len(ck.tensors),
+                "parameters": params,
+                "bytes": ck.total_bytes,
+                "dtypes": dtypes,
+                "largest": [{"name": r.name, "dtype": r.dtype, "shape": list(r.shape)} for r in largest],
+                "aux_files": [p.name for p in ck.aux_files()],
+            }
+        if as_json:
+            print(json.dumps(info, indent=2))
+            return
+        print(f"{info['checkpoint']}: {len(info['files'])} file(s)" + (f", index {info['index']}" if info["index"] else ""))
+        print(f"tensors {info['tensors']}, parameters {params:,}, data {_gb(info['bytes'])}")
+        print("dtypes  " + ", ".join(f"{k}: {v}" for k, v in sorted(dtypes.items())))
+        print("largest " + "; ".join(f"{r['name']} {r['dtype']}{r['shape']}" for r in info["largest"]))
+        if info["aux_files"]:
+            print("files   " + ", ".join(info["aux_files"]))
+
+    _run(body)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        str | None, typer.Option("--dir", help="Where to create the demo checkpoints (default: a temp directory).")
+    ] = None,
+    layout: Annotated[str, typer.Option("--layout", help="Synthetic layout (see streammerge.synth).")] = "tiny-qwen2",
+    layers: Annotated[int | None, typer.Option("--layers", help="Number of transformer layers.")] = None,
+    device: DeviceOpt = "auto",
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the demo files (always kept with --dir).")] = False,
+) -> None:
+    """Create three small synthetic Qwen2-shaped checkpoints (sharded differently), merge them, print the report.
+
+    Needs no network. Example:
+
+      streammerge demo --layers 4
+    """
+
+    def body():
+        from . import synth
+        from .api import merge as merge_fn
+
+        root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="streammerge-demo-"))
+        try:
+            print(f"creating synthetic {layout} checkpoints (target, sft, grpo) in {root}")
+            trio = synth.make_trio(root, layout, num_layers=layers)
+            for label in ("target", "sft", "grpo"):
+                p = Path(getattr(trio, label))
+                shards = sorted(x.name for x in p.glob("*.safetensors"))
+                print(f"  {label:6} {p} ({len(shards)} shard(s))")
+            out = root / "merged"
+            report = merge_fn(trio.target, trio.sft, trio.grpo, out, alpha=1.0, device=device, overwrite=True)
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.copied_reasons.items()))
+            print(f"merged {report.tensors_merged} tensors, copied {report.tensors_copied}"
+                  + (f" ({reasons})" if reasons else "") + f" -> {out}")
+            print(f"files   {', '.join(report.output_files)}")
+            print(f"read {_gb(report.bytes_read)}, wrote {_gb(report.bytes_written)} in {report.seconds:.2f} s "
+                  f"= {report.gbps:.2f} GB/s; peak anonymous memory {_gb(report.peak_rss_anon)}")
+            for w in report.warnings:
+                print(w)
+        finally:
+            if not workdir and not keep:
+                import shutil
+
+                shutil.rmtree(root, ignore_errors=True)
+            elif not workdir:
+                print(f"kept {root}")
+
+    _run(body)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of streammerge and its main dependencies."""
+    import torch
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "not installed"
+    print(f"streammerge {__version__}, torch {torch.__version__}, triton {tv}, python {sys.version.split()[0]}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Pair tensors across target, sft and grpo, apply policies, lay out the output shards and count the work.
+
+The plan reads headers only. Everything the merge would refuse is refused here, so `plan`/`--dry-run` fails early
+on exactly what the merge would fail on.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import split_state_dict_into_shards_factory
+
+from . import __version__
+from .checkpoint import SINGLE_FILE, Checkpoint, TensorRef
+from .errors import TensorMismatchError, format_name_list
+from .format import BLENDABLE_DTYPES, DTYPE_BITS, build_header
+from .options import MergeOptions
+
+
+class Op(str, enum.Enum):
+    MERGE = "merge"  # round(t + alpha * (g - s))
+    COPY = "copy"  # the target's bytes, unchanged
+    CONVERT = "convert"  # the target's values rounded to another floating dtype
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    op: Op
+    target: TensorRef
+    sft: TensorRef | None = None
+    grpo: TensorRef | None = None
+    reason: str = ""
+    file: int = -1
+    offset: int = 0  # absolute offset in the output file
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BITS[self.dtype] // 8
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class OutFile:
+    name: str
+    header: bytes
+    size: int
+    tensors: list[OutTensor]
+
+
+@dataclass
+class MergePlan:
+    """What a merge will do, computed from headers only.
+
+    Attributes:
+        files (`list[OutFile]`): output files with their exact headers and sizes.
+        tensors (`list[OutTensor]`): every output tensor in write order.
+        merged / copied (`int`): tensors blended / taken from the target (by reason in ``copied_reasons``).
+        ignored_extra (`list[str]`): sft/grpo tensors absent from the target, ignored by ``extra="ignore"``.
+        bytes_read / bytes_written (`int`): input bytes read, output bytes written (headers included).
+        disk_needed (`int`): bytes the output directory needs (weights, index, copied files).
+        expected_peak_memory (`int`): the engine's buffers (host), from the chunk size.
+    """
+
+    options: MergeOptions
+    sources: dict[str, str]
+    files: list[OutFile]
+    tensors: list[OutTensor]
+    copied_reasons: dict[str, int]
+    ignored_extra: list[str]
+    aux_files: list[Path]
+    bytes_read: int
+    bytes_written: int
+    disk_needed: int
+    chunks: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def merged(self) -> int:
+        return sum(1 for t in self.tensors if t.op is Op.MERGE)
+
+    @property
+    def copied(self) -> int:
+        return len(self.tensors) - self.merged
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.files) > 1
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def expected_peak_memory(self, device: str = "cpu") -> int:
+        """Host buffers the engine allocates: a bound on anonymous memory growth, independent of model size."""
+        from .engines.cpu import host_buffer_bytes
+
+        return host_buffer_bytes(self.options.chunk_bytes)
+
+    def index_json(self) -> str:
+        weight_map = {t.name: self.files[t.file].name for t in sorted(self.tensors, key=lambda t: t.name)}
+        total = sum(t.nbytes for t in self.tensors)
+        return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+
+    def summary(self) -> dict:
+        """A JSON-friendly description: pairing counts, layout, bytes to move, disk and memory."""
+        return {
+            "sources": self.sources,
+            "alpha": self.options.alpha,
+            "tensors": len(self.tensors),
+            "parameters": self.parameters,
+            "merged": self.merged,
+            "copied": self.copied,
+            "copied_reasons": dict(self.copied_reasons),
+            "ignored_extra": len(self.ignored_extra),
+            "output_files": [{"name": f.name, "bytes": f.size, "tensors": len(f.tensors)} for f in self.files],
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "disk_needed": self.disk_needed,
+            "chunk_bytes": self.options.chunk_bytes,
+            "chunks": self.chunks,
+            "expected_peak_host_memory": self.expected_peak_memory(),
+            "warnings": list(self.warnings),
+        }
+
+
+def _shape_str(ref: TensorRef | None) -> str:
+    return "absent" if ref is None else f"{ref.dtype}{list(ref.shape)}"
+
+
+def build_plan(
+    target: Checkpoint, sft: Checkpoint, grpo: Checkpoint, options: MergeOptions, sources: dict[str, str] | None = None
+) -> MergePlan:
+    """Pair tensors and lay out the output. Raises `TensorMismatchError` listing every offending name."""
+    sources = sources or {"target": target.source, "sft": sft.source, "grpo": grpo.source}
+    missing: list[str] = []
+    shape_bad: list[str] = []
+    unsupported: list[str] = []
+    out: list[OutTensor] = []
+    reasons: dict[str, int] = {}
+
+    def copy(ref: TensorRef, reason: str) -> None:
+        op, dtype = Op.COPY, ref.dtype
+        if options.out_dtype and ref.dtype in BLENDABLE_DTYPES and options.out_dtype != ref.dtype:
+            op, dtype = Op.CONVERT, options.out_dtype
+        out.append(OutTensor(ref.name, dtype, ref.shape, op, ref, reason=reason))
+        reasons[reason] = reasons.get(reason, 0) + 1
+
+    # Target order by (file, offset): reading the target is sequential, and sft/grpo saved by the same library
+    # follow the same order.
+    for ref in sorted(target.tensors.values(), key=lambda r: (r.file, r.offset)):
+        s, g = sft.tensors.get(ref.name), grpo.tensors.get(ref.name)
+        is_float = ref.dtype.startswith(("F", "BF", "C"))
+        if not is_float:
+            copy(ref, f"non-floating ({ref.dtype})")
+            continue
+        if s is None or g is None:
+            where = " and ".join(k for k, v in (("sft", s), ("grpo", g)) if v is None)
+            if options.missing == "copy-target":
+                copy(ref, "missing in sft/grpo")
+            else:
+                missing.append(f"{ref.name} (absent from {where})")
+            continue
+        if not (ref.shape == s.shape == g.shape):
+            if options.shape_mismatch == "copy-target":
+                copy(ref, "shape mismatch")
+            else:
+                shape_bad.append(f"{ref.name}: target {_shape_str(ref)}, sft {_shape_str(s)}, grpo {_shape_str(g)}")
+            continue
+        bad = [f"{k} {r.dtype}" for k, r in (("target", ref), ("sft", s), ("grpo", g)) if r.dtype not in BLENDABLE_DTYPES]
+        if bad:
+            if options.unsupported_dtype == "copy-target":
+                copy(ref, "unsupported dtype")
+            else:
+                unsupported.append(f"{ref.name} ({', '.join(bad)})")
+            continue
+        out.append(OutTensor(ref.name, options.out_dtype or ref.dtype, ref.shape, Op.MERGE, ref, s, g))
+
+    extra = sorted((set(sft.tensors) | set(grpo.tensors)) - set(target.tensors))
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} target tensor(s) missing from sft/grpo: {format_name_list(missing)}. "
+            "Pass --missing copy-target to keep the target's values for them"
+        )
+    if extra and options.extra == "error":
+        problems.append(
+            f"{len(extra)} sft/grpo tensor(s) absent from the target: {format_name_list(extra)}. "
+            "Pass --extra ignore to leave them out"
+        )
+    if shape_bad:
+        problems.append(
+            f"{len(shape_bad)} shape mismatch(es): {format_name_list(shape_bad)}. "
+            "The checkpoints are probably not of one architecture; pass --shape-mismatch copy-target to keep the "
+            "target's values for them"
+        )
+    if unsupported:
+        problems.append(
+            f"{len(unsupported)} tensor(s) in a floating dtype that cannot be blended exactly (only BF16, F16, F32): "
+            f"{format_name_list(unsupported)}. Pass --unsupported-dtype copy-target to keep the target's values"
+        )
+    if problems:
+        raise TensorMismatchError(
+            f"cannot pair target {sources['target']} with sft {sources['sft']} and grpo {sources['grpo']}:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+    files = _layout(out, options, sources)
+    bytes_read = 0
+    chunks = 0
+    for t in out:
+        if t.op is Op.MERGE:
+            bytes_read += t.target.nbytes + t.sft.nbytes + t.grpo.nbytes  # type: ignore[union-attr]
+            chunks += max(1, -(-t.numel // options.chunk_elems))
+        else:
+            bytes_read += t.target.nbytes
+            step = options.chunk_bytes if t.op is Op.COPY else options.chunk_elems * DTYPE_BITS[t.dtype] // 8
+            chunks += max(1, -(-t.nbytes // max(1, step)))
+    bytes_written = sum(f.size for f in files)
+    aux = target.aux_files() if options.copy_aux_files else []
+    plan = MergePlan(
+        options=options,
+        sources=sources,
+        files=files,
+        tensors=[t for f in files for t in f.tensors],
+        copied_reasons=reasons,
+        ignored_extra=extra,
+        aux_files=aux,
+        bytes_read=bytes_read,
+        bytes_written=bytes_written,
+        disk_needed=0,
+        chunks=chunks,
+    )
+    index_size = len(plan.index_json()) if plan.is_sharded else 0
+    # + the model card and the manifest, a few KB
+    plan.disk_needed = bytes_written + index_size + sum(p.stat().st_size for p in aux) + 65536
+    return plan
+
+
+def _layout(out: list[OutTensor], options: MergeOptions, sources: dict[str, str]) -> list[OutFile]:
+    split = split_state_dict_into_shards_factory(
+        {t.name: t for t in out},
+        get_storage_size=lambda t: t.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=options.max_shard_size,
+    )
+    by_name = {t.name: t for t in out}
+    metadata = {
+        "format": "pt",
+        "streammerge_version": __version__,
+        "streammerge_formula": "target + alpha * (grpo - sft)",
+        "streammerge_alpha": repr(float(options.alpha)),
+        "streammerge_target": sources["target"],
+        "streammerge_sft": sources["sft"],
+        "streammerge_grpo": sources["grpo"],
+        **({"streammerge_out_dtype": options.out_dtype} if options.out_dtype else {}),
+        **options.extra_metadata,
+    }
+    files: list[OutFile] = []
+    names = list(split.filename_to_tensors) if split.is_sharded else [SINGLE_FILE]
+    for i, fname in enumerate(names):
+        members = [by_name[n] for n in split.filename_to_tensors[fname]] if split.is_sharded else list(out)
+        # Widest dtypes first keeps every tensor aligned to its element size (as safetensors itself does); the
+        # sort is stable, so a single-dtype model keeps the target's order.
+        members.sort(key=lambda t: -DTYPE_BITS[t.dtype])
+        header, spans = build_header([(t.name, t.dtype, t.shape) for t in members], metadata)
+        for t in members:
+            t.file = i
+            t.offset = len(header) + spans[t.name][0]
+        size = len(header) + sum(t.nbytes for t in members)
+        files.append(OutFile(fname, header, size, members))
+    return files
+
+
+def check_disk_space(plan: MergePlan, out_dir: Path) -> None:
+    """Add a warning to the plan when the output filesystem has less free space than the output needs."""
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    plan.free_disk = free  # type: ignore[attr-defined]
+    if free < plan.disk_needed:
+        plan.warnings.append(
+            f"only {free / 1e9:.2f} GB free on the filesystem of {out_dir}, the output needs {plan.disk_needed / 1e9:.2f}"
+            " GB"
+        )
+
