@@ -181,7 +181,7 @@ class Checkpoint:
             raise CheckpointError(f"{self._who()}{index}: cannot read index ({e.strerror or e})") from None
         wm = obj.get("weight_map") if isinstance(obj, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-            raise CheckpointError(f"{self._who()}{index}: index needs a \"weight_map\" object mapping names to files")
+            raise CheckpointError(f'{self._who()}{index}: index needs a "weight_map" object mapping names to files')
         if not wm:
             raise CheckpointError(f"{self._who()}{index}: index weight_map is empty")
         self._weight_map: dict[str, str] = wm

@@ -106,9 +106,7 @@ ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Output shard si
 OutDtypeOpt = Annotated[
     str | None, typer.Option("--out-dtype", help="bf16, fp16 or fp32 for every blended tensor (default: target's).")
 ]
-MissingOpt = Annotated[
-    str, typer.Option("--missing", help="Target tensor absent from sft/grpo: error or copy-target.")
-]
+MissingOpt = Annotated[str, typer.Option("--missing", help="Target tensor absent from sft/grpo: error or copy-target.")]
 ExtraOpt = Annotated[str, typer.Option("--extra", help="sft/grpo tensor absent from the target: error or ignore.")]
 ShapeOpt = Annotated[
     str, typer.Option("--shape-mismatch", help="Shapes differ across the three: error or copy-target.")
@@ -349,7 +347,10 @@ def inspect(
         if as_json:
             print(json.dumps(info, indent=2))
             return
-        print(f"{info['checkpoint']}: {len(info['files'])} file(s)" + (f", index {info['index']}" if info["index"] else ""))
+        print(
+            f"{info['checkpoint']}: {len(info['files'])} file(s)"
+            + (f", index {info['index']}" if info["index"] else "")
+        )
         print(f"tensors {info['tensors']}, parameters {params:,}, data {_gb(info['bytes'])}")
         print("dtypes  " + ", ".join(f"{k}: {v}" for k, v in sorted(dtypes.items())))
         print("largest " + "; ".join(f"{r['name']} {r['dtype']}{r['shape']}" for r in info["largest"]))
@@ -391,11 +392,16 @@ def demo(
             out = root / "merged"
             report = merge_fn(trio.target, trio.sft, trio.grpo, out, alpha=1.0, device=device, overwrite=True)
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.copied_reasons.items()))
-            print(f"merged {report.tensors_merged} tensors, copied {report.tensors_copied}"
-                  + (f" ({reasons})" if reasons else "") + f" -> {out}")
+            print(
+                f"merged {report.tensors_merged} tensors, copied {report.tensors_copied}"
+                + (f" ({reasons})" if reasons else "")
+                + f" -> {out}"
+            )
             print(f"files   {', '.join(report.output_files)}")
-            print(f"read {_gb(report.bytes_read)}, wrote {_gb(report.bytes_written)} in {report.seconds:.2f} s "
-                  f"= {report.gbps:.2f} GB/s; peak anonymous memory {_gb(report.peak_rss_anon)}")
+            print(
+                f"read {_gb(report.bytes_read)}, wrote {_gb(report.bytes_written)} in {report.seconds:.2f} s "
+                f"= {report.gbps:.2f} GB/s; peak anonymous memory {_gb(report.peak_rss_anon)}"
+            )
             for w in report.warnings:
                 print(w)
         finally:

@@ -228,9 +228,9 @@ def read_header(path: str | os.PathLike) -> Header:
     return parse_header(raw, size, path)
 
 
-def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[
-    bytes, dict[str, tuple[int, int]]
-]:
+def build_header(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Build header bytes for tensors laid out contiguously in the given order.
 
     Args:

@@ -179,7 +179,9 @@ def build_plan(
             else:
                 shape_bad.append(f"{ref.name}: target {_shape_str(ref)}, sft {_shape_str(s)}, grpo {_shape_str(g)}")
             continue
-        bad = [f"{k} {r.dtype}" for k, r in (("target", ref), ("sft", s), ("grpo", g)) if r.dtype not in BLENDABLE_DTYPES]
+        bad = [
+            f"{k} {r.dtype}" for k, r in (("target", ref), ("sft", s), ("grpo", g)) if r.dtype not in BLENDABLE_DTYPES
+        ]
         if bad:
             if options.unsupported_dtype == "copy-target":
                 copy(ref, "unsupported dtype")
@@ -296,7 +298,6 @@ def check_disk_space(plan: MergePlan, out_dir: Path) -> None:
     plan.free_disk = free  # type: ignore[attr-defined]
     if free < plan.disk_needed:
         plan.warnings.append(
-            f"only {free / 1e9:.2f} GB free on the filesystem of {out_dir}, the output needs {plan.disk_needed / 1e9:.2f}"
-            " GB"
+            f"only {free / 1e9:.2f} GB free on the filesystem of {out_dir}, "
+            f"the output needs {plan.disk_needed / 1e9:.2f} GB"
         )
-

@@ -51,8 +51,9 @@ def _round_bf16_bits(r: np.ndarray) -> np.ndarray:
     return out
 
 
-def expected_bits(t: np.ndarray, s: np.ndarray, g: np.ndarray, alpha: float, dtypes: tuple[str, str, str],
-                  out_dtype: str) -> np.ndarray:
+def expected_bits(
+    t: np.ndarray, s: np.ndarray, g: np.ndarray, alpha: float, dtypes: tuple[str, str, str], out_dtype: str
+) -> np.ndarray:
     """Output bit patterns (uint16 or uint32) for raw inputs ``t, s, g`` of the given safetensors dtypes."""
     t32, s32, g32 = (widen(x, dt) for x, dt in zip((t, s, g), dtypes))
     a32 = np.float32(alpha)
@@ -78,8 +79,20 @@ def hostile_values(dtype: str, n: int, rng: np.random.Generator) -> np.ndarray:
     width = np.uint32 if dtype == "F32" else np.uint16
     if dtype == "F32":
         base = rng.standard_normal(n).astype(np.float32).view(np.uint32)
-        specials = [0x7FC00000, 0xFFC00001, 0x7F800001, 0x7F800000, 0xFF800000, 0x00000001, 0x807FFFFF, 0x00000000,
-                    0x80000000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000]
+        specials = [
+            0x7FC00000,
+            0xFFC00001,
+            0x7F800001,
+            0x7F800000,
+            0xFF800000,
+            0x00000001,
+            0x807FFFFF,
+            0x00000000,
+            0x80000000,
+            0x7F7FFFFF,
+            0xFF7FFFFF,
+            0x00800000,
+        ]
     elif dtype == "F16":
         base = rng.standard_normal(n).astype(np.float16).view(np.uint16)
         specials = [0x7E00, 0xFE01, 0x7C01, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x0000, 0x8000, 0x7BFF, 0xFBFF, 0x0400]

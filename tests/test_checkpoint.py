@@ -12,8 +12,11 @@ from conftest import write_checkpoint
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import CheckpointError, HeaderError
 
-TENSORS = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5, dtype=torch.bfloat16),
-           "c": torch.zeros(2, 2, dtype=torch.float16)}
+TENSORS = {
+    "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+    "b": torch.ones(5, dtype=torch.bfloat16),
+    "c": torch.zeros(2, 2, dtype=torch.float16),
+}
 
 
 def test_single_file_directory(tmp_path):

@@ -54,7 +54,7 @@ def test_round_trip_with_safetensors(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == {"format": "pt", "k": "v"}
         assert set(f.keys()) == {t[0] for t in tensors}
-        for name, dtype, shape in tensors:
+        for name, _, shape in tensors:
             t = f.get_tensor(name)
             assert tuple(t.shape) == shape
             assert t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() == values[name]
@@ -141,13 +141,15 @@ def test_header_size_bound_is_sane():
 names = st.text(st.characters(codec="utf-8", exclude_characters="\0"), min_size=1, max_size=12).filter(
     lambda s: s != "__metadata__"
 )
-entry = st.tuples(names, st.sampled_from(["BF16", "F16", "F32", "I64", "U8", "BOOL", "F8_E4M3"]),
-                  st.lists(st.integers(0, 5), max_size=3).map(tuple))
+entry = st.tuples(
+    names,
+    st.sampled_from(["BF16", "F16", "F32", "I64", "U8", "BOOL", "F8_E4M3"]),
+    st.lists(st.integers(0, 5), max_size=3).map(tuple),
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(entry, max_size=6, unique_by=lambda e: e[0]),
-       st.dictionaries(names, st.text(max_size=8), max_size=3))
+@given(st.lists(entry, max_size=6, unique_by=lambda e: e[0]), st.dictionaries(names, st.text(max_size=8), max_size=3))
 def test_property_build_parse_round_trip(entries, metadata):
     header, spans = build_header(entries, metadata)
     data_size = sum(nbytes_for(d, s) for _, d, s in entries)

@@ -16,11 +16,11 @@ from streammerge.errors import OptionsError, OutputError, TensorMismatchError
 
 
 def _check_against_reference(out, target, sft, grpo, alpha=1.0):
-    T, S, G, O = (load_all(p) for p in (target, sft, grpo, out))
-    assert set(O) == set(T)
+    T, S, G, M = (load_all(p) for p in (target, sft, grpo, out))
+    assert set(M) == set(T)
     for k, t in T.items():
         want = expected_bits(raw_bits(t), raw_bits(S[k]), raw_bits(G[k]), alpha, ("BF16",) * 3, "BF16")
-        assert np.array_equal(raw_bits(O[k]), want), k
+        assert np.array_equal(raw_bits(M[k]), want), k
 
 
 @pytest.mark.parametrize("alpha", [1.0, -1.0])
@@ -45,9 +45,7 @@ def test_output_conventions(small_trio, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(SMALL_SHAPES)
     assert set(index["weight_map"].values()) == set(shards)
-    assert index["metadata"]["total_size"] == sum(
-        np.prod(s) * 2 for s in SMALL_SHAPES.values()
-    )
+    assert index["metadata"]["total_size"] == sum(np.prod(s) * 2 for s in SMALL_SHAPES.values())
     for f in shards:
         with safe_open(str(out / f), "pt") as h:
             md = h.metadata()
@@ -128,8 +126,9 @@ def test_zero_element_and_scalar_tensors(tmp_path):
     streammerge.merge(*dirs, tmp_path / "out", device="cpu")
     out = load_all(tmp_path / "out")
     assert out["empty"].shape == (0, 5) and out["scalar"].shape == ()
-    want = expected_bits(raw_bits(t["scalar"]), raw_bits(s["scalar"]), raw_bits(g["scalar"]), 1.0, ("BF16",) * 3,
-                         "BF16")
+    want = expected_bits(
+        raw_bits(t["scalar"]), raw_bits(s["scalar"]), raw_bits(g["scalar"]), 1.0, ("BF16",) * 3, "BF16"
+    )
     assert np.array_equal(raw_bits(out["scalar"]), want)
 
 
@@ -167,9 +166,14 @@ def test_output_location_rules(small_trio, tmp_path):
 
 
 def test_options_validation(small_trio, tmp_path):
-    for kwargs, match in [({"alpha": float("nan")}, "finite"), ({"chunk_bytes": "12XB"}, "cannot parse"),
-                          ({"chunk_bytes": 10}, "minimum"), ({"out_dtype": "int8"}, "unknown dtype"),
-                          ({"missing": "maybe"}, "not one of"), ({"device": "tpu"}, "not one of")]:
+    for kwargs, match in [
+        ({"alpha": float("nan")}, "finite"),
+        ({"chunk_bytes": "12XB"}, "cannot parse"),
+        ({"chunk_bytes": 10}, "minimum"),
+        ({"out_dtype": "int8"}, "unknown dtype"),
+        ({"missing": "maybe"}, "not one of"),
+        ({"device": "tpu"}, "not one of"),
+    ]:
         with pytest.raises(OptionsError, match=match):
             streammerge.merge(*small_trio, tmp_path / "o", **kwargs)
     assert not (tmp_path / "o").exists()

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import TORCH, from_bits, load_all, raw_bits, write_checkpoint
 from reference import expected_bits, hostile_values
+from streammerge.kernels.reference import fast_cast_is_exact, merge_reference, round_from_f32, round_from_f32_exact
 
 import streammerge
-from streammerge.kernels.reference import fast_cast_is_exact, merge_reference, round_from_f32, round_from_f32_exact
 
 ALPHAS = [1.0, -1.0, 0.5, 0.0, 1e-3]
 DTYPES = ["BF16", "F16", "F32"]
@@ -27,13 +27,16 @@ def _assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_rounding_paths_match_reference_on_all_bit_patterns(out_dtype):
     rng = np.random.default_rng(1)
-    bits = np.concatenate([
-        rng.integers(0, 2**32, size=400_000, dtype=np.uint64).astype(np.uint32),
-        # every bf16 high half with the deciding low halves (ties, just below and above)
-        ((np.arange(2**16, dtype=np.uint32) << 16)[:, None] | np.array([0, 0x7FFF, 0x8000, 0x8001], np.uint32))
-        .reshape(-1),
-        np.array([0x7F7FFFFF, 0x477FF000, 0x477FEFFF, 0x33000000, 0x33000001, 0x387FE000, 0x38800000], np.uint32),
-    ])
+    bits = np.concatenate(
+        [
+            rng.integers(0, 2**32, size=400_000, dtype=np.uint64).astype(np.uint32),
+            # every bf16 high half with the deciding low halves (ties, just below and above)
+            (
+                (np.arange(2**16, dtype=np.uint32) << 16)[:, None] | np.array([0, 0x7FFF, 0x8000, 0x8001], np.uint32)
+            ).reshape(-1),
+            np.array([0x7F7FFFFF, 0x477FF000, 0x477FEFFF, 0x33000000, 0x33000001, 0x387FE000, 0x38800000], np.uint32),
+        ]
+    )
     x = torch.from_numpy(bits.view(np.int32).copy()).view(torch.float32)
     zero = np.zeros_like(bits)
     neg_zero = np.full_like(bits, 0x80000000)  # g - s = -0 and t + -0 = t exactly, so the reference only rounds t
@@ -50,8 +53,9 @@ def test_fast_cast_self_test_runs():
 
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("out_dtype", DTYPES)
-@pytest.mark.parametrize("in_dtypes", [("BF16",) * 3, ("F16",) * 3, ("F32",) * 3, ("BF16", "F16", "F32"),
-                                       ("F32", "BF16", "F16")])
+@pytest.mark.parametrize(
+    "in_dtypes", [("BF16",) * 3, ("F16",) * 3, ("F32",) * 3, ("BF16", "F16", "F32"), ("F32", "BF16", "F16")]
+)
 def test_merge_reference_matches_numpy(alpha, out_dtype, in_dtypes):
     rng = np.random.default_rng(abs(hash((alpha, out_dtype, in_dtypes))) % 2**32)
     n = 20_011
@@ -94,13 +98,20 @@ def test_engine_end_to_end_hostile_values_mixed_dtypes(tmp_path, alpha):
         dirs[lab] = write_checkpoint(tmp_path / lab, tensors, shards=i + 1)
     for out_dtype in [None, "F16", "F32"]:
         out = tmp_path / f"out-{out_dtype}"
-        report = streammerge.merge(dirs["target"], dirs["sft"], dirs["grpo"], out, alpha=alpha, device="cpu",
-                                   chunk_bytes=4096, out_dtype=out_dtype)
+        report = streammerge.merge(
+            dirs["target"],
+            dirs["sft"],
+            dirs["grpo"],
+            out,
+            alpha=alpha,
+            device="cpu",
+            chunk_bytes=4096,
+            out_dtype=out_dtype,
+        )
         assert report.tensors_merged == len(shapes)
         merged = load_all(out)
         od = out_dtype or "BF16"
         for k, s in shapes.items():
             assert merged[k].dtype == TORCH[od] and tuple(merged[k].shape) == s
-            want = expected_bits(raw["target"][k], raw["sft"][k], raw["grpo"][k], alpha,
-                                 tuple(dts.values()), od)
+            want = expected_bits(raw["target"][k], raw["sft"][k], raw["grpo"][k], alpha, tuple(dts.values()), od)
             _assert_bits_equal(raw_bits(merged[k]), want, f"{k} alpha={alpha} out={od}")

@@ -36,8 +36,8 @@ PREFETCH_AHEAD = 2
 
 def host_buffer_bytes(chunk_bytes: int) -> int:
     """Anonymous memory the CPU engine allocates: output slots + two fp32 scratch buffers + sub-block temporaries."""
-    sub_temps = 10 * SUB_BLOCK_ELEMS * 4
-    return OUTPUT_SLOTS * chunk_bytes + 2 * chunk_bytes + sub_temps
+    sub = min(SUB_BLOCK_ELEMS, max(1, chunk_bytes // 4))
+    return OUTPUT_SLOTS * chunk_bytes + 2 * chunk_bytes + 4 * sub * 4
 
 
 @dataclass
@@ -196,8 +196,10 @@ class CpuEngine:
                     if job[0] == "slot":
                         free_slots.put(job[1])
 
-        threads = [threading.Thread(target=prefetcher, name="sm-prefetch", daemon=True),
-                   threading.Thread(target=write_loop, name="sm-writer", daemon=True)]
+        threads = [
+            threading.Thread(target=prefetcher, name="sm-prefetch", daemon=True),
+            threading.Thread(target=write_loop, name="sm-writer", daemon=True),
+        ]
         for th in threads:
             th.start()
         peak = rss_anon()
@@ -222,8 +224,7 @@ class CpuEngine:
                 n_in = self._compute(t, item, ckpts, slots[slot], scratch, plan.options.alpha)
                 timers["compute"] += time.perf_counter() - t0
                 self._put(write_q, ("slot", slot, item, n_in), failure)
-                if stats.chunks % 8 == 0:
-                    peak = max(peak, rss_anon())
+                peak = max(peak, rss_anon())  # ~20 us per chunk
             write_q.put(None)
             threads[1].join()
             failure.check()
