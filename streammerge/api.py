@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -12,10 +13,11 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import Checkpoint, open_checkpoint
 from .engines import EngineStats, Progress
+from ._faults import crash_point
 from .errors import EngineError, OutputError
 from .options import MergeOptions
 from .plan import MergePlan, build_plan, check_disk_space
-from .writer import MANIFEST, OutputWriter
+from .writer import OutputWriter
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -35,6 +37,10 @@ class MergeReport:
         peak_rss_anon (`int`): peak anonymous resident memory of the process during the merge (bytes).
         peak_gpu_memory (`int`): peak GPU allocation (bytes, 0 on the CPU engine).
         output_files (`list[str]`): the files written, weights first.
+        nonfinite (`dict[str, int]`): with ``check_finite``, elements per tensor that became NaN/inf from finite
+            inputs.
+        shard_sha256 (`dict[str, str]`): SHA-256 of every weight file (also in the manifest).
+        resumed_shards (`int`): shards kept from an interrupted run (``resume=True``).
     """
 
     out_dir: str
@@ -52,6 +58,9 @@ class MergeReport:
     output_files: list[str]
     warnings: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    shard_sha256: dict[str, str] = field(default_factory=dict)
+    resumed_shards: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,10 +181,11 @@ def merge(
     grpo: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    alpha: float = 1.0,
-    device: str = "auto",
+    alpha: float | None = None,
+    device: str | None = None,
     options: MergeOptions | None = None,
     progress: ProgressCallback | None = None,
+    resume: bool = False,
     **kwargs,
 ) -> MergeReport:
     """Compute ``out = target + alpha * (grpo - sft)`` tensor by tensor, chunk by chunk, into a new directory.
@@ -185,10 +195,12 @@ def merge(
         sft, grpo (`str | os.PathLike`): the pair whose difference ``grpo - sft`` is the (reasoning) vector.
         out (`str | os.PathLike`): the output directory: new, empty, or a previous streammerge output with
             ``overwrite=True``; never inside an input.
-        alpha (`float`, defaults to 1.0): scale of the vector; -1 removes it.
-        device (`str`, defaults to "auto"): "auto", "cpu" or "cuda".
-        options (`MergeOptions`, *optional*): every option at once; keywords override it.
+        alpha (`float`, *optional*): scale of the vector, 1.0 unless ``options`` says otherwise; -1 removes it.
+        device (`str`, *optional*): "auto" (the default), "cpu" or "cuda".
+        options (`MergeOptions`, *optional*): every option at once; keywords given explicitly override it.
         progress (`Callable[[Progress], None]`, *optional*): called after each chunk with bytes done/total.
+        resume (`bool`, defaults to False): continue an interrupted merge in ``out``: shards it finished are kept
+            once their recorded SHA-256 is verified, the rest are redone; a different merge is refused.
         **kwargs: any other `MergeOptions` field: ``chunk_bytes`` (int or "64MiB"), ``max_shard_size`` ("5GB"),
             ``out_dtype`` ("bf16"/"fp16"/"fp32"), ``missing``, ``extra``, ``shape_mismatch``,
             ``unsupported_dtype``, ``threads``, ``overwrite``, ``copy_aux_files``.
@@ -208,7 +220,8 @@ def merge(
         ```
     """
     t_start = time.perf_counter()
-    opts = _options(options, {"alpha": alpha, "device": device, **kwargs})
+    explicit = {k: v for k, v in (("alpha", alpha), ("device", device)) if v is not None}
+    opts = _options(options, {**explicit, **kwargs})
     out_dir = Path(out)
     ckpts = _open_all(target, sft, grpo)
     try:
@@ -216,14 +229,15 @@ def merge(
         _check_paths(out_dir, ckpts)
         check_disk_space(p, out_dir)
         engine, engine_note = select_engine(opts.device, opts.threads)
-        with OutputWriter(out_dir, p) as writer:
+        identity = merge_identity(p, ckpts)
+        crash_point("planned")
+        with OutputWriter(out_dir, p, identity, resume=resume) as writer:
             stats: EngineStats = engine.run(p, ckpts, writer, progress)
-            seconds_so_far = time.perf_counter() - t_start
-            small = _small_files(p, ckpts["target"], engine.name, seconds_so_far)
-            writer.finalize(small)
+            small = {path.name: path.read_bytes() for path in p.aux_files}
+            small["README.md"] = model_card(p).encode()
+            files = writer.finalize(small)
         seconds = time.perf_counter() - t_start
-        moved = p.bytes_read + p.bytes_written
-        files = [f.name for f in p.files] + list(small) + (["model.safetensors.index.json"] if p.is_sharded else [])
+        moved = stats.bytes_read + stats.bytes_written
         return MergeReport(
             out_dir=str(out_dir),
             device=engine.name,
@@ -231,36 +245,62 @@ def merge(
             tensors_copied=p.copied,
             copied_reasons=dict(p.copied_reasons),
             ignored_extra=len(p.ignored_extra),
-            bytes_read=p.bytes_read,
-            bytes_written=p.bytes_written,
+            bytes_read=stats.bytes_read,
+            bytes_written=stats.bytes_written,
             seconds=seconds,
             gbps=moved / seconds / 1e9 if seconds > 0 else 0.0,
             peak_rss_anon=stats.peak_rss_anon,
             peak_gpu_memory=stats.peak_gpu_memory,
-            output_files=[f for f in files if f != MANIFEST],
-            warnings=list(p.warnings) + [f"engine: {engine_note}"] + stats.notes,
+            output_files=files,
+            warnings=list(p.warnings) + writer.notes + [f"engine: {engine_note}"] + stats.notes,
             stage_seconds=dict(stats.stage_seconds),
+            nonfinite=dict(stats.nonfinite),
+            shard_sha256={k: v["sha256"] for k, v in writer.shards.items()},
+            resumed_shards=len(writer.done_files),
         )
     finally:
         for c in ckpts.values():
             c.close()
 
 
-def _small_files(p: MergePlan, target: Checkpoint, device: str, seconds: float) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    for path in p.aux_files:
-        files[path.name] = path.read_bytes()
-    files["README.md"] = model_card(p).encode()
-    manifest = {
+def merge_identity(p: MergePlan, ckpts: dict[str, Checkpoint]) -> dict:
+    """What makes a merge's output what it is: input files (size, mtime, header hash), byte-relevant options and
+    the output layout, with a fingerprint over all of it. Recorded in the manifest; ``resume`` requires a match."""
+    inputs = {}
+    for label, ck in ckpts.items():
+        entries = []
+        for f in ck.files:
+            st = f.stat()
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                hh = hashlib.sha256(head + fh.read(n)).hexdigest()
+            entries.append({"file": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": hh})
+        inputs[label] = entries
+    o = p.options
+    options = {
+        "alpha": repr(float(o.alpha)),
+        "out_dtype": o.out_dtype,
+        "missing": o.missing,
+        "extra": o.extra,
+        "shape_mismatch": o.shape_mismatch,
+        "unsupported_dtype": o.unsupported_dtype,
+        "max_shard_size": o.max_shard_size,
+        "copy_aux_files": o.copy_aux_files,
+        "extra_metadata": dict(o.extra_metadata),
+    }
+    layout = [{"name": f.name, "size": f.size, "header_sha256": hashlib.sha256(f.header).hexdigest()} for f in p.files]
+    identity = {
         "streammerge_version": __version__,
         "formula": "target + alpha * (grpo - sft)",
         "sources": p.sources,
-        "options": {k: v for k, v in asdict(p.options).items() if k not in ("overwrite",)},
-        "files": [f.name for f in p.files] + list(files) + (["model.safetensors.index.json"] if p.is_sharded else []),
-        "file_sizes": {f.name: f.size for f in p.files},
+        "inputs": inputs,
+        "options": options,
+        "layout": layout,
     }
-    files[MANIFEST] = (json.dumps(manifest, indent=2, default=str) + "\n").encode()
-    return files
+    blob = json.dumps({k: identity[k] for k in ("streammerge_version", "inputs", "options", "layout")}, sort_keys=True)
+    identity["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()
+    return identity
 
 
 def model_card(p: MergePlan) -> str:

@@ -28,6 +28,21 @@ def test_merge_ok(small_trio, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_cli_options_reach_the_merge(small_trio, tmp_path):
+    import numpy as np
+    from conftest import raw_bits
+    from reference import expected_bits
+
+    out = tmp_path / "out"
+    r = _invoke("merge", *small_trio, "-o", out, "--alpha", "-0.75", "--out-dtype", "fp32", "--max-shard-size", "30KB")
+    assert r.exit_code == 0, r.output
+    T, S, G, M = (load_all(p) for p in (*small_trio, out))
+    assert (out / "model.safetensors.index.json").exists()
+    for k in T:
+        want = expected_bits(raw_bits(T[k]), raw_bits(S[k]), raw_bits(G[k]), -0.75, ("BF16",) * 3, "F32")
+        assert M[k].dtype == torch.float32 and np.array_equal(raw_bits(M[k]), want), k
+
+
 def test_merge_json_report(small_trio, tmp_path):
     import json
 
