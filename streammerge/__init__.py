@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     TensorMismatchError,
 )
 from .options import MergeOptions  # noqa: E402
+from .verify import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "CheckpointError",
@@ -28,7 +29,9 @@ __all__ = [
     "OutputError",
     "StreamMergeError",
     "TensorMismatchError",
+    "VerifyReport",
     "__version__",
     "merge",
     "plan",
+    "verify",
 ]

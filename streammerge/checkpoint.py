@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, HeaderError, format_name_list
-from .format import Header, read_header
+from .format import Header, clip_repr, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -95,6 +96,9 @@ class Checkpoint:
         path = Path(source)
         if not path.exists():
             raise CheckpointError(f"{self._who()}{path}: no such file or directory")
+        # Known before any index is read, so the index itself is held to the same containment rule as the shards.
+        self._root_real = Path(os.path.realpath(path if path.is_dir() else path.parent))
+        self._allowed = [self._root_real] + [Path(os.path.realpath(r)) for r in (allowed_roots or [])]
         if path.is_dir():
             self.root = path
             index = path / INDEX_FILE
@@ -118,12 +122,10 @@ class Checkpoint:
             self.index_path = None
             files = [path]
         elif path.suffix in PICKLE_SUFFIXES:
-            raise CheckpointError(_pickle_message(path))
+            raise CheckpointError(self._who() + _pickle_message(path))
         else:
             raise CheckpointError(f"{self._who()}{path}: not a .safetensors file, an index or a checkpoint directory")
 
-        self._root_real = Path(os.path.realpath(self.root))
-        self._allowed = [self._root_real] + [Path(os.path.realpath(r)) for r in (allowed_roots or [])]
         for f in files:
             self._check_inside(f)
         self.files: list[Path] = files
@@ -132,7 +134,7 @@ class Checkpoint:
         owner: dict[str, Path] = {}
         for i, f in enumerate(files):
             if not f.is_file():
-                raise CheckpointError(f"{self._who()}{f}: shard named by {self.index_path} does not exist")
+                raise CheckpointError(self._not_a_file(f))
             header = read_header(f)
             self.headers.append(header)
             for name, info in header.tensors.items():
@@ -154,6 +156,16 @@ class Checkpoint:
     def _who(self) -> str:
         return f"{self.label} checkpoint: " if self.label else ""
 
+    def _not_a_file(self, f: Path) -> str:
+        what = f"shard named by {self.index_path}" if self.index_path is not None else "weights file"
+        if f.is_symlink() and not f.exists():
+            return f"{self._who()}{f}: {what} is a dangling symlink (or a symlink loop)"
+        if f.is_dir():
+            return f"{self._who()}{f}: {what} is a directory, not a .safetensors file"
+        if f.exists():
+            return f"{self._who()}{f}: {what} is not a regular file (a FIFO, socket or device); refusing to read it"
+        return f"{self._who()}{f}: {what} does not exist"
+
     def _explain_empty(self, path: Path) -> str:
         entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         st = [e for e in entries if e.endswith(".safetensors")]
@@ -164,18 +176,35 @@ class Checkpoint:
                 "pass the .safetensors file itself, or add an index"
             )
         if pickles:
-            return _pickle_message(path / pickles[0])
+            return self._who() + _pickle_message(path / pickles[0])
         if not entries:
             return f"{self._who()}{path}: directory is empty (expected {SINGLE_FILE} or {INDEX_FILE})"
         return f"{self._who()}{path}: no safetensors weights found (expected {SINGLE_FILE} or {INDEX_FILE})"
 
     def _files_from_index(self, index: Path) -> list[Path]:
+        self._check_inside(index)
         try:
-            size = index.stat().st_size
-            if size > MAX_INDEX_BYTES:
-                raise CheckpointError(f"{self._who()}{index}: index is {size} bytes, larger than any real index")
-            obj = json.loads(index.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            # O_NONBLOCK so that a FIFO does not block the open; only a regular file is read, and never past the cap
+            # (a symlink to /dev/zero reports size 0 and would otherwise be read forever).
+            fd = os.open(index, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise CheckpointError(
+                        f"{self._who()}{index}: index is not a regular file (a directory, FIFO or device)"
+                    )
+                if st.st_size > MAX_INDEX_BYTES:
+                    raise CheckpointError(
+                        f"{self._who()}{index}: index is {st.st_size} bytes, larger than any real index"
+                    )
+                with open(fd, "rb", closefd=False) as fh:
+                    raw = fh.read(MAX_INDEX_BYTES + 1)
+            finally:
+                os.close(fd)
+            if len(raw) > MAX_INDEX_BYTES:
+                raise CheckpointError(f"{self._who()}{index}: index grew past {MAX_INDEX_BYTES} bytes while read")
+            obj = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, or an integer too long to convert
             raise CheckpointError(f"{self._who()}{index}: index is not valid JSON ({e})") from None
         except OSError as e:
             raise CheckpointError(f"{self._who()}{index}: cannot read index ({e.strerror or e})") from None
@@ -185,19 +214,22 @@ class Checkpoint:
         if not wm:
             raise CheckpointError(f"{self._who()}{index}: index weight_map is empty")
         self._weight_map: dict[str, str] = wm
-        names: list[str] = []
-        for fname in wm.values():
-            if fname not in names:
-                names.append(fname)
-        files = []
-        for fname in names:
+        files: list[Path] = []
+        for fname in dict.fromkeys(wm.values()):
             p = Path(fname)
             if p.is_absolute() or ".." in p.parts or fname.startswith(("/", "\\")) or "\\" in fname:
                 raise CheckpointError(
-                    f"{self._who()}{index}: weight_map names {fname!r}; shard paths must be relative and stay "
-                    "inside the checkpoint directory"
+                    f"{self._who()}{index}: weight_map names {clip_repr(fname)}; shard paths must be relative and "
+                    "stay inside the checkpoint directory"
                 )
-            files.append(index.parent / p)
+            if not _is_file_name(fname):
+                raise CheckpointError(
+                    f"{self._who()}{index}: weight_map names {clip_repr(fname)}, which is not a valid file name "
+                    "(a NUL byte or an unencodable character)"
+                )
+            # "a.safetensors" and "./a.safetensors" are one shard: Path equality normalises the spelling.
+            if index.parent / p not in files:
+                files.append(index.parent / p)
         return files
 
     def _check_inside(self, f: Path) -> None:
@@ -245,7 +277,8 @@ class Checkpoint:
     def _map(self, i: int) -> mmap.mmap:
         m = self._maps[i]
         if m is None:
-            fd = os.open(self.files[i], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: a shard swapped for a FIFO since its header was read must not hang the open.
+            fd = os.open(self.files[i], os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             try:
                 size = os.fstat(fd).st_size
                 expected = self.headers[i].data_start + self.headers[i].data_size
@@ -327,6 +360,16 @@ class Checkpoint:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def _is_file_name(name: str) -> bool:
+    if "\x00" in name:
+        return False
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate outside the surrogateescape range
+        return False
+    return True
 
 
 def _pickle_message(path: Path) -> str:

@@ -179,6 +179,13 @@ def merge(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a previous streammerge output in OUT.")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted merge into OUT (same inputs and options).")
+    ] = False,
+    check_finite: Annotated[
+        bool, typer.Option("--check-finite", help="Report tensors that became NaN/inf from finite inputs.")
+    ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="With --check-finite: fail on such a tensor.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: check everything, write nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only errors and the summary.")] = False,
     as_json: JsonOpt = False,
@@ -207,16 +214,18 @@ def merge(
             unsupported_dtype=unsupported_dtype,
             threads=threads,
             overwrite=overwrite,
+            check_finite=check_finite or strict,
+            strict=strict,
         )
         if dry_run:
             _plan_body(target, sft, grpo, out, opts, as_json)
             return
-        _merge_body(target, sft, grpo, out, opts, quiet, as_json)
+        _merge_body(target, sft, grpo, out, opts, quiet, as_json, resume)
 
     _run(body)
 
 
-def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool) -> None:
+def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume: bool = False) -> None:
     from rich.console import Console
 
     from .api import merge as merge_fn
@@ -247,9 +256,9 @@ def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool) -> Non
             def on_progress(ev):
                 bar.update(task, completed=ev.bytes_done, total=ev.bytes_total)
 
-            report = merge_fn(target, sft, grpo, out, options=opts, progress=on_progress)
+            report = merge_fn(target, sft, grpo, out, options=opts, progress=on_progress, resume=resume)
     else:
-        report = merge_fn(target, sft, grpo, out, options=opts)
+        report = merge_fn(target, sft, grpo, out, options=opts, resume=resume)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -265,7 +274,16 @@ def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool) -> Non
         + (f", peak GPU memory {_gb(report.peak_gpu_memory)}" if report.peak_gpu_memory else "")
     )
     for w in report.warnings:
-        print(w if w.startswith("engine:") else f"warning: {w}")
+        print(w if w.startswith(("engine:", "resume:")) else f"warning: {w}")
+    if report.nonfinite:
+        items = sorted(report.nonfinite.items(), key=lambda kv: -kv[1])
+        print(
+            f"warning: {len(items)} tensor(s) became non-finite from finite inputs: "
+            + ", ".join(f"{k} ({v})" for k, v in items[:20])
+            + (" ..." if len(items) > 20 else "")
+        )
+    elif opts.check_finite:
+        print("check-finite: no element became non-finite from finite inputs")
 
 
 @app.command()
@@ -411,6 +429,46 @@ def demo(
                 shutil.rmtree(root, ignore_errors=True)
             elif not workdir:
                 print(f"kept {root}")
+
+    _run(body)
+
+
+@app.command()
+def verify(
+    out: Annotated[str, typer.Argument(help="The merge output directory.")],
+    target: Annotated[str | None, typer.Option("--target", help="Target checkpoint, to recompute chunks.")] = None,
+    sft: Annotated[str | None, typer.Option("--sft", help="SFT checkpoint, to recompute chunks.")] = None,
+    grpo: Annotated[str | None, typer.Option("--grpo", help="GRPO checkpoint, to recompute chunks.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Recompute every chunk (reads all inputs).")] = False,
+    sample: Annotated[int, typer.Option("--sample", help="Chunks to recompute without --full.")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check an output: structure (index, files, headers), recorded SHA-256s, and recomputed bytes given the inputs.
+
+    Exit 1 naming the first bad file and tensor. Examples:
+
+      streammerge verify merged/
+
+      streammerge verify merged/ --target t/ --sft s/ --grpo g/ --full
+    """
+
+    def body():
+        from dataclasses import asdict
+
+        from .verify import verify as verify_fn
+
+        r = verify_fn(out, target, sft, grpo, full=full, sample=sample)
+        if as_json:
+            print(json.dumps(asdict(r), indent=2))
+        if not r.ok:
+            if not as_json:
+                _stderr(f"error: {r.problems[0]}")
+                for p in r.problems[1:]:
+                    _stderr(f"error: {p}")
+            raise typer.Exit(EXIT_ERROR)
+        if not as_json:
+            what = f"{r.chunks_checked} of {r.chunks_total} chunks recomputed" if r.chunks_total else "structure"
+            print(f"OK: {r.files_checked} file(s), {_gb(r.bytes_hashed)} hashed, {what}: all bytes match")
 
     _run(body)
 

@@ -27,6 +27,10 @@ class OutputError(StreamMergeError):
     """The output location cannot be used or written (exists, inside an input, disk full, ...)."""
 
 
+class NonFiniteError(StreamMergeError):
+    """``--strict``: a blended tensor became non-finite where all its inputs were finite."""
+
+
 class EngineError(StreamMergeError):
     """A compute engine is unavailable or failed."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -95,6 +96,22 @@ def _fail(path: str, msg: str) -> HeaderError:
     return HeaderError(f"{path}: invalid safetensors header: {msg}")
 
 
+def clip_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a hostile header must not turn into a megabyte-long message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _is_utf8(text: str) -> bool:
+    # JSON escapes can spell lone surrogates ("\ud800"), which Python accepts and UTF-8 cannot encode; safetensors
+    # (serde_json) refuses them, and so must we before a name reaches an output header.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_header(raw: bytes, file_size: int, path: str = "<memory>") -> Header:
     """Parse and validate the header bytes of a safetensors file.
 
@@ -136,6 +153,8 @@ def parse_header(raw: bytes, file_size: int, path: str = "<memory>") -> Header:
         meta = obj.pop(METADATA_KEY)
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise _fail(path, "__metadata__ must map strings to strings")
+        if not all(_is_utf8(k) and _is_utf8(v) for k, v in meta.items()):
+            raise _fail(path, "__metadata__ holds a string that is not valid Unicode (a lone surrogate escape)")
         metadata = meta
 
     data_start = 8 + n
@@ -149,9 +168,13 @@ def parse_header(raw: bytes, file_size: int, path: str = "<memory>") -> Header:
     for t in tensors:
         if t.begin < cursor:
             prev = next(p for p in tensors if p.end > t.begin and p is not t)
-            raise _fail(path, f"tensor {t.name!r} bytes [{t.begin}, {t.end}) overlap tensor {prev.name!r}")
+            raise _fail(
+                path, f"tensor {clip_repr(t.name)} bytes [{t.begin}, {t.end}) overlap tensor {clip_repr(prev.name)}"
+            )
         if t.begin > cursor:
-            raise _fail(path, f"gap of {t.begin - cursor} bytes before tensor {t.name!r} (data must be contiguous)")
+            raise _fail(
+                path, f"gap of {t.begin - cursor} bytes before tensor {clip_repr(t.name)} (data must be contiguous)"
+            )
         cursor = t.end
     if cursor != data_size:
         raise _fail(
@@ -167,7 +190,7 @@ def _no_duplicate_keys(path: str):
         seen: dict = {}
         for k, v in pairs:
             if k in seen:
-                raise _fail(path, f"duplicate key {k!r} in header")
+                raise _fail(path, f"duplicate key {clip_repr(k)} in header")
             seen[k] = v
         return seen
 
@@ -175,7 +198,9 @@ def _no_duplicate_keys(path: str):
 
 
 def _parse_entry(path: str, name: str, entry: object, data_size: int) -> TensorInfo:
-    where = f"tensor {name!r}"
+    where = f"tensor {clip_repr(name)}"
+    if not _is_utf8(name):
+        raise _fail(path, f"{where}: name is not valid Unicode (a lone surrogate escape)")
     if not isinstance(entry, dict):
         raise _fail(path, f"{where}: entry must be an object")
     extra = set(entry) - {"dtype", "shape", "data_offsets"}
@@ -186,26 +211,36 @@ def _parse_entry(path: str, name: str, entry: object, data_size: int) -> TensorI
         raise _fail(path, f"{where}: unexpected keys {sorted(extra)}")
     dtype = entry["dtype"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise _fail(path, f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)})")
+        raise _fail(path, f"{where}: unknown dtype {clip_repr(dtype)} (known: {', '.join(DTYPE_BITS)})")
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-        raise _fail(path, f"{where}: shape must be a list of integers, got {shape!r}")
+        raise _fail(path, f"{where}: shape must be a list of integers, got {clip_repr(shape)}")
     if any(d < 0 for d in shape):
-        raise _fail(path, f"{where}: negative dimension in shape {shape}")
+        raise _fail(path, f"{where}: negative dimension in shape {clip_repr(shape)}")
     offsets = entry["data_offsets"]
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise _fail(path, f"{where}: data_offsets must be two integers, got {offsets!r}")
+        raise _fail(path, f"{where}: data_offsets must be two integers, got {clip_repr(offsets)}")
     begin, end = offsets
     if begin < 0 or end < begin:
         raise _fail(path, f"{where}: data_offsets {offsets} are not an increasing, non-negative pair")
     if end > data_size:
         raise _fail(path, f"{where}: data_offsets end {end} lies past the end of the data region ({data_size} bytes)")
-    numel = math.prod(shape)
+    # Multiply with an early exit: a header may hold thousands of 4000-digit dimensions, whose exact product would
+    # be slow to compute and too large for a float; any product past the span is wrong anyway.
+    span = end - begin
+    numel = 0 if 0 in shape else 1
+    for d in shape if numel else ():
+        numel *= d
+        if numel * DTYPE_BITS[dtype] > 8 * span:
+            raise _fail(
+                path, f"{where}: shape {clip_repr(shape)} of {dtype} needs more than the {span} bytes data_offsets span"
+            )
     bits = numel * DTYPE_BITS[dtype]
-    if bits % 8 or bits // 8 != end - begin:
+    if bits % 8:
+        raise _fail(path, f"{where}: shape {clip_repr(shape)} of {dtype} does not fill a whole number of bytes")
+    if bits // 8 != span:
         raise _fail(
-            path,
-            f"{where}: shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets span {end - begin}",
+            path, f"{where}: shape {clip_repr(shape)} of {dtype} needs {bits // 8} bytes but data_offsets span {span}"
         )
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
@@ -214,8 +249,19 @@ def read_header(path: str | os.PathLike) -> Header:
     """Read and validate the header of the safetensors file at ``path``."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait forever for a writer. It changes nothing for
+        # a regular file, and anything else (FIFO, device, directory) is refused before a byte is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise HeaderError(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it")
+        with open(fd, "rb") as f:
+            size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 return parse_header(prefix, size, path)

@@ -117,6 +117,8 @@ class MergeOptions:
         threads (`int | None`): CPU threads for the math (None: all cores).
         overwrite (`bool`): replace a previous streammerge output in the output directory.
         copy_aux_files (`bool`): copy config, generation config, tokenizer and chat-template files from the target.
+        check_finite (`bool`): count elements that became NaN/inf although all three inputs were finite.
+        strict (`bool`): with ``check_finite``, fail the merge on the first such tensor.
     """
 
     alpha: float = 1.0
@@ -131,6 +133,8 @@ class MergeOptions:
     threads: int | None = None
     overwrite: bool = False
     copy_aux_files: bool = True
+    check_finite: bool = False
+    strict: bool = False
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -2,28 +2,35 @@
 offsets, synced and renamed; small files are written atomically; the index comes last.
 
 After any crash, every file with a final name is complete and correct, and the index exists only when every shard
-it names does. Temporary files are hidden (``.NAME.partial``) and removed on any error or interrupt.
+it names does. Temporary files are hidden (``.NAME.partial``) and removed on any error or interrupt. A manifest
+(``.streammerge.json``) records the merge's fingerprint (inputs, options, layout) and the SHA-256 of every finished
+shard, so ``--resume`` keeps verified shards and redoes the rest.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from ._faults import crash_point
 from .checkpoint import INDEX_FILE
 from .errors import OutputError
 from .plan import MergePlan
 
 MANIFEST = ".streammerge.json"
 PARTIAL_SUFFIX = ".partial"
+STATE_IN_PROGRESS = "in-progress"
+STATE_COMPLETE = "complete"
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_HASH_READ = 8 * 2**20
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -31,29 +38,58 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _free_bytes(path: Path) -> int | None:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 8 MiB blocks (hashlib releases the GIL on large buffers)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_HASH_READ):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    p = out_dir / MANIFEST
+    if not p.exists():
         return None
+    if p.is_symlink() or not p.is_file():
+        raise OutputError(f"{p}: manifest is not a regular file; refusing to use this directory")
+    try:
+        m = json.loads(p.read_text())
+        if not isinstance(m, dict) or not isinstance(m.get("shards", {}), dict):
+            raise ValueError
+        return m
+    except (OSError, ValueError):
+        raise OutputError(f"{p}: unreadable streammerge manifest; remove the output directory and start over") from None
 
 
 class OutputWriter:
     """Writes one merge's output directory. Use as a context manager: leaving it with an exception aborts.
 
     Args:
-        out_dir (`Path`): the output directory (created if missing; must be empty or a previous streammerge output
-            with ``overwrite=True``).
+        out_dir (`Path`): the output directory (created if missing; must be empty, or a previous streammerge output
+            with ``overwrite=True``, or an interrupted one with ``resume=True``).
         plan (`MergePlan`): the exact layout to write.
+        manifest (`dict`): the identity of this merge (``fingerprint`` plus descriptive fields), recorded in the
+            manifest and compared on resume.
+        resume (`bool`): keep shards an interrupted run with the same fingerprint finished (after re-hashing them).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, plan: MergePlan):
+    def __init__(self, out_dir: str | os.PathLike, plan: MergePlan, manifest: dict | None = None, resume: bool = False):
         self.out_dir = Path(out_dir)
         self.plan = plan
-        self._fds: list[int | None] = [None] * len(plan.files)
+        self.manifest = dict(manifest or {})
+        self.manifest.setdefault("fingerprint", "")
+        self.resume = resume
+        n = len(plan.files)
+        self._fds: list[int | None] = [None] * n
         self._temps: list[Path] = [self.out_dir / f".{f.name}{PARTIAL_SUFFIX}" for f in plan.files]
+        self._hash = [hashlib.sha256() for _ in range(n)]
+        self._cursor = [0] * n
+        self._sequential = [True] * n
         self._dir_fd: int | None = None
-        self._done = [False] * len(plan.files)
+        self.shards: dict[str, dict] = {}  # finished: name -> {"size", "sha256"}
+        self.done_files: set[int] = set()  # finished before this run started (resume)
+        self.notes: list[str] = []
         self.bytes_written = 0
 
     # ------------------------------------------------------------------ setup
@@ -75,44 +111,90 @@ class OutputWriter:
             self._dir_fd = None
             raise OutputError(f"{out}: another streammerge process is writing this directory; wait for it") from None
         try:
-            self._clear_previous()
+            previous = read_manifest(out)
+            if self.resume and previous is not None:
+                self._adopt(previous)
+            else:
+                self._clear_previous(previous)
+            self._write_manifest(STATE_IN_PROGRESS)
             for i, f in enumerate(self.plan.files):
-                self._create(i, f.name, f.header, f.size)
+                if i not in self.done_files:
+                    self._create(i, f.name, f.header, f.size)
         except BaseException:
             self.abort()
             self.close()
             raise
 
-    def _clear_previous(self) -> None:
-        entries = [p for p in self.out_dir.iterdir()]
-        ours = [p for p in entries if p.name.endswith(PARTIAL_SUFFIX) and p.name.startswith(".")]
-        rest = [p for p in entries if p not in ours]
+    def _stale_partials(self) -> list[Path]:
+        return [p for p in self.out_dir.iterdir() if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX)]
+
+    def _clear_previous(self, previous: dict | None) -> None:
+        partials = self._stale_partials()
+        rest = [p for p in self.out_dir.iterdir() if p not in partials]
         if rest:
-            manifest = self.out_dir / MANIFEST
+            interrupted = previous is not None and previous.get("state") != STATE_COMPLETE
             if not self.plan.options.overwrite:
+                if interrupted:
+                    raise OutputError(
+                        f"{self.out_dir}: holds an interrupted streammerge merge; pass --resume to continue it "
+                        "(same inputs and options), or --overwrite to start over"
+                    )
                 raise OutputError(
                     f"{self.out_dir}: output directory is not empty ({len(rest)} entries); choose a new directory"
-                    + (", or pass --overwrite to replace the previous streammerge output" if manifest.exists() else "")
+                    + (", or pass --overwrite to replace the previous streammerge output" if previous else "")
                 )
-            if not manifest.is_file() or manifest.is_symlink():
+            if previous is None:
                 raise OutputError(
                     f"{self.out_dir}: not a streammerge output (no {MANIFEST}); refusing to overwrite it. "
                     "Choose a new or empty directory"
                 )
-            try:
-                previous = json.loads(manifest.read_text())["files"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise OutputError(f"{manifest}: unreadable manifest; remove the directory by hand") from None
             # Remove only what the previous streammerge run wrote, index first so nothing looks complete.
-            names = [INDEX_FILE] + [n for n in previous if n != INDEX_FILE] + [MANIFEST]
+            names = [INDEX_FILE, *previous.get("files", []), *previous.get("shards", {}), MANIFEST]
             for name in names:
-                if isinstance(name, str) and "/" not in name and name not in (".", ".."):
+                if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
                     try:
                         (self.out_dir / name).unlink()
                     except FileNotFoundError:
                         pass
-        for p in ours:  # stale temporaries of an interrupted run
+        for p in partials:
             p.unlink(missing_ok=True)
+
+    def _adopt(self, previous: dict) -> None:
+        """Resume: refuse a different merge; keep finished shards whose size and SHA-256 still match."""
+        if previous.get("fingerprint") != self.manifest["fingerprint"]:
+            diffs = [
+                k
+                for k in ("sources", "inputs", "options", "streammerge_version", "layout")
+                if previous.get(k) != self.manifest.get(k)
+            ]
+            raise OutputError(
+                f"{self.out_dir}: cannot resume: the interrupted merge used different "
+                f"{', '.join(diffs) or 'settings'}. Resume with exactly the same inputs and options, or pass "
+                "--overwrite to start over"
+            )
+        for p in self._stale_partials():
+            p.unlink(missing_ok=True)
+        (self.out_dir / INDEX_FILE).unlink(missing_ok=True)  # rewritten last
+        recorded = previous.get("shards", {})
+        for i, f in enumerate(self.plan.files):
+            rec = recorded.get(f.name)
+            path = self.out_dir / f.name
+            if path.is_symlink():
+                path.unlink()  # never follow a link planted where a shard belongs
+                continue
+            if not isinstance(rec, dict) or not path.is_file():
+                continue
+            if path.stat().st_size == f.size == rec.get("size") and sha256_file(path) == rec.get("sha256"):
+                self.done_files.add(i)
+                self.shards[f.name] = {"size": f.size, "sha256": rec["sha256"]}
+            else:
+                self.notes.append(f"resume: {f.name} did not match its recorded checksum and is redone")
+                path.unlink()
+        if self.done_files:
+            self.notes.append(
+                f"resume: kept {len(self.done_files)} verified shard(s), redoing "
+                f"{len(self.plan.files) - len(self.done_files)}"
+            )
 
     def _create(self, i: int, name: str, header: bytes, size: int) -> None:
         tmp = self._temps[i]
@@ -134,15 +216,20 @@ class OutputWriter:
             self._pwrite_all(fd, header, 0)
         except OSError as e:
             raise self._write_error(name, e) from None
+        self._hash[i].update(header)
+        self._cursor[i] = len(header)
 
     def _write_error(self, name: str, e: OSError) -> OutputError:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            free = _free_bytes(self.out_dir)
+            try:
+                free = shutil.disk_usage(self.out_dir).free
+            except OSError:
+                free = None
             return OutputError(
                 f"{self.out_dir / name}: out of disk space ({e.strerror}). The output needs "
-                f"{_human(self.plan.disk_needed)}"
-                + (f", {_human(free)} is free" if free is not None else "")
-                + "; free space or choose another output directory"
+                f"{human_bytes(self.plan.disk_needed)}"
+                + (f", {human_bytes(free)} is free" if free is not None else "")
+                + "; free space (or choose another output directory), then run again with --resume"
             )
         return OutputError(f"{self.out_dir / name}: write failed ({e.strerror or e})")
 
@@ -165,23 +252,42 @@ class OutputWriter:
         if fd is None:
             raise OutputError(f"{self.plan.files[file].name}: written after it was finished (internal error)")
         try:
-            self.bytes_written += self._pwrite_all(fd, data, offset)
+            n = self._pwrite_all(fd, data, offset)
         except OSError as e:
             raise self._write_error(self.plan.files[file].name, e) from None
+        self.bytes_written += n
+        # Chunks arrive in offset order, so the checksum is computed as we go; anything else re-reads at the end.
+        if self._sequential[file] and offset == self._cursor[file]:
+            self._hash[file].update(data)
+            self._cursor[file] += n
+        else:
+            self._sequential[file] = False
 
     def finish_file(self, file: int) -> None:
-        """Sync the file and give it its final name."""
+        """Sync the file, give it its final name and record its checksum in the manifest."""
         fd = self._fds[file]
-        name = self.plan.files[file].name
+        f = self.plan.files[file]
         try:
             os.fsync(fd)  # type: ignore[arg-type]
             os.close(fd)  # type: ignore[arg-type]
             self._fds[file] = None
-            os.replace(self._temps[file], self.out_dir / name)
+            if self._sequential[file] and self._cursor[file] == f.size:
+                digest = self._hash[file].hexdigest()
+            else:
+                digest = sha256_file(self._temps[file])
+            os.replace(self._temps[file], self.out_dir / f.name)
         except OSError as e:
-            raise self._write_error(name, e) from None
-        self._done[file] = True
-        self.bytes_written += len(self.plan.files[file].header)
+            raise self._write_error(f.name, e) from None
+        self.bytes_written += len(f.header)
+        self.shards[f.name] = {"size": f.size, "sha256": digest}
+        self._write_manifest(STATE_IN_PROGRESS)
+        crash_point(f"shard:{file}")
+
+    def _write_manifest(self, state: str, files: list[str] | None = None) -> None:
+        m = {**self.manifest, "state": state, "shards": dict(self.shards)}
+        if files is not None:
+            m["files"] = files
+        self.write_small(MANIFEST, (json.dumps(m, indent=2, default=str) + "\n").encode())
 
     def write_small(self, name: str, data: bytes) -> None:
         """Write a small file atomically (temporary name, fsync, rename)."""
@@ -199,17 +305,25 @@ class OutputWriter:
             tmp.unlink(missing_ok=True)
             raise self._write_error(name, e) from None
 
-    def finalize(self, small_files: dict[str, bytes]) -> None:
-        """Write the small files (aux, card, manifest), then the index last, then sync the directory."""
-        if not all(self._done):
-            missing = [f.name for f, d in zip(self.plan.files, self._done) if not d]
+    def finalize(self, small_files: dict[str, bytes]) -> list[str]:
+        """Write the small files (aux, card), then the index (the last visible file), then mark the hidden manifest
+        complete and sync the directory. A crash before the last step leaves an in-progress manifest: ``--resume``
+        re-verifies the shards and finishes."""
+        missing = [f.name for f in self.plan.files if f.name not in self.shards]
+        if missing:
             raise OutputError(f"internal error: finalize before {missing} were complete")
         for name, data in small_files.items():
             self.write_small(name, data)
+        files = [f.name for f in self.plan.files] + list(small_files)
+        if self.plan.is_sharded:
+            files.append(INDEX_FILE)
         if self.plan.is_sharded:
             self.write_small(INDEX_FILE, self.plan.index_json().encode())
+        crash_point("index")
+        self._write_manifest(STATE_COMPLETE, files)
         if self._dir_fd is not None:
             os.fsync(self._dir_fd)
+        return files
 
     def abort(self) -> None:
         """Close and remove every temporary file; files already given final names are complete and stay."""

@@ -11,9 +11,14 @@ class EngineStats:
 
     device: str
     chunks: int = 0
+    chunks_written: int = 0
     peak_rss_anon: int = 0  # bytes, sampled per chunk
     peak_gpu_memory: int = 0  # bytes, torch.cuda.max_memory_allocated
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # tensor name -> elements that became non-finite from finite inputs (check_finite only)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
     notes: list[str] = field(default_factory=list)
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .._faults import crash_point
 from ..checkpoint import Checkpoint, TensorRef
-from ..errors import StreamMergeError
+from ..errors import NonFiniteError, StreamMergeError
 from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor
@@ -48,10 +49,12 @@ class WorkItem:
     last_of_file: bool = False
 
 
-def iter_work(plan: MergePlan) -> Iterator[WorkItem]:
-    """Chunks in output order; the last chunk of each file is flagged so the writer can finish it."""
+def iter_work(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[WorkItem]:
+    """Chunks in output order, skipping files in ``skip``; each file's last chunk is flagged so it can be finished."""
     elems = plan.options.chunk_elems
-    for f in plan.files:
+    for i, f in enumerate(plan.files):
+        if i in skip:
+            continue
         items: list[WorkItem] = []
         for t in f.tensors:
             total, step = (t.nbytes, plan.options.chunk_bytes) if t.op is Op.COPY else (t.numel, elems)
@@ -118,7 +121,9 @@ class CpuEngine:
         failure = _Failure()
         stop = threading.Event()
         t_target, t_sft, t_grpo = ckpts["target"], ckpts["sft"], ckpts["grpo"]
-        total_bytes = plan.bytes_read + plan.bytes_written
+        skip = writer.done_files
+        total_bytes = work_bytes(plan, skip)
+        total_tensors = sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
         done = {"bytes": 0, "tensors": 0}
         lock = threading.Lock()
         timers = {"compute": 0.0, "write": 0.0, "wait_slot": 0.0}
@@ -139,7 +144,7 @@ class CpuEngine:
 
         def prefetcher() -> None:
             try:
-                for item in iter_work(plan):
+                for item in iter_work(plan, skip):
                     if stop.is_set():
                         return
                     for ck, ref, a, b in refs(item):
@@ -150,14 +155,16 @@ class CpuEngine:
                 failure.set(e)
                 prefetch_q.put(None)
 
-        def report(nbytes: int, tensor_done: OutTensor | None) -> None:
+        def report(nbytes: int, tensor_done: OutTensor | None, out_written: int) -> None:
             with lock:
                 done["bytes"] += nbytes
+                stats.bytes_written += out_written
+                stats.bytes_read += nbytes - out_written
                 if tensor_done is not None:
                     done["tensors"] += 1
                 b, n = done["bytes"], done["tensors"]
             if progress is not None:
-                progress(Progress(b, total_bytes, n, len(plan.tensors), tensor_done.name if tensor_done else ""))
+                progress(Progress(b, total_bytes, n, total_tensors, tensor_done.name if tensor_done else ""))
 
         def write_loop() -> None:
             while True:
@@ -181,6 +188,8 @@ class CpuEngine:
                             del payload
                         for ck, ref, a, b in refs(item):
                             ck.release(ref, a, b)
+                    crash_point(f"chunk:{stats.chunks_written}")
+                    stats.chunks_written += 1
                     header = 0
                     if item.last_of_file:
                         fi = t.file if t is not None else _file_of(plan, item)
@@ -189,7 +198,7 @@ class CpuEngine:
                     timers["write"] += time.perf_counter() - t0
                     last_chunk = t is not None and item.stop >= (t.nbytes if t.op is Op.COPY else t.numel)
                     out_b = _out_bytes(t, item) if t is not None else 0
-                    report(nbytes_in + out_b + header, t if last_chunk else None)
+                    report(nbytes_in + out_b + header, t if last_chunk else None, out_b + header)
                 except BaseException as e:  # noqa: BLE001
                     failure.set(e)
                 finally:
@@ -221,7 +230,7 @@ class CpuEngine:
                 timers["wait_slot"] += time.perf_counter() - t0
                 failure.check()
                 t0 = time.perf_counter()
-                n_in = self._compute(t, item, ckpts, slots[slot], scratch, plan.options.alpha)
+                n_in = self._compute(t, item, ckpts, slots[slot], scratch, plan.options, stats)
                 timers["compute"] += time.perf_counter() - t0
                 self._put(write_q, ("slot", slot, item, n_in), failure)
                 peak = max(peak, rss_anon())  # ~20 us per chunk
@@ -256,7 +265,7 @@ class CpuEngine:
                 continue
 
     @staticmethod
-    def _compute(t: OutTensor, item: WorkItem, ckpts, slot: torch.Tensor, scratch, alpha: float) -> int:
+    def _compute(t: OutTensor, item: WorkItem, ckpts, slot: torch.Tensor, scratch, opts, stats: EngineStats) -> int:
         """Compute one chunk into ``slot``; returns the input bytes it read."""
         out_dt = OUT_DTYPES[t.dtype]
         a, b = item.start, item.stop
@@ -273,7 +282,7 @@ class CpuEngine:
         tv = _typed_view(ckpts["target"], t.target, a, b)
         sv = _typed_view(ckpts["sft"], t.sft, a, b)
         gv = _typed_view(ckpts["grpo"], t.grpo, a, b)
-        a32 = torch.tensor(alpha, dtype=torch.float32)
+        a32 = torch.tensor(opts.alpha, dtype=torch.float32)
         for s0 in range(0, n, SUB_BLOCK_ELEMS):
             s1 = min(n, s0 + SUB_BLOCK_ELEMS)
             d = scratch[0][s0:s1]
@@ -285,8 +294,39 @@ class CpuEngine:
             r.copy_(tv[s0:s1])
             r.add_(d)  # t32 + m
             round_from_f32(r, t.dtype, out=out[s0:s1])
+            if opts.check_finite:
+                _count_nonfinite(t, out[s0:s1], (tv[s0:s1], sv[s0:s1], gv[s0:s1]), opts.strict, stats)
         isz = (t.target.nbytes + t.sft.nbytes + t.grpo.nbytes) // max(1, t.numel)  # type: ignore[union-attr]
         return isz * n
+
+
+def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> int:
+    """Bytes read + written for the files not in ``skip`` (what progress counts towards)."""
+    total = 0
+    for i, f in enumerate(plan.files):
+        if i in skip:
+            continue
+        total += f.size
+        for t in f.tensors:
+            total += t.target.nbytes + (t.sft.nbytes + t.grpo.nbytes if t.op is Op.MERGE else 0)  # type: ignore
+    return total
+
+
+def _count_nonfinite(t: OutTensor, out: torch.Tensor, inputs, strict: bool, stats: EngineStats) -> None:
+    bad = ~torch.isfinite(out)
+    if not bad.any():
+        return
+    for x in inputs:
+        bad &= torch.isfinite(x)
+    n = int(bad.sum())
+    if n:
+        if strict:
+            raise NonFiniteError(
+                f"tensor {t.name!r}: {n} element(s) became NaN/inf although target, sft and grpo were finite "
+                "(overflow in the output dtype?); --strict refuses this output. Lower |alpha|, use --out-dtype fp32, "
+                "or drop --strict to write it anyway"
+            )
+        stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + n
 
 
 def _elem_size(dtype: str) -> int:

@@ -1,0 +1,180 @@
+"""Verify a streammerge output: structure, recorded checksums, and (given the inputs) recomputed bytes."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .api import _open_all
+from .checkpoint import Checkpoint
+from .errors import StreamMergeError
+from .format import read_header
+from .options import MergeOptions
+from .plan import build_plan
+from .writer import STATE_COMPLETE, read_manifest, sha256_file
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify`. ``ok`` is False when anything is wrong; ``problems[0]`` is the first."""
+
+    out_dir: str
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
+    files_checked: int = 0
+    bytes_hashed: int = 0
+    chunks_checked: int = 0
+    chunks_total: int = 0
+
+    def fail(self, msg: str) -> None:
+        self.ok = False
+        self.problems.append(msg)
+
+
+def verify(
+    out: str | os.PathLike,
+    target: str | os.PathLike | None = None,
+    sft: str | os.PathLike | None = None,
+    grpo: str | os.PathLike | None = None,
+    *,
+    full: bool = False,
+    sample: int = 64,
+    seed: int = 0,
+) -> VerifyReport:
+    """Check a merge output.
+
+    Always: the manifest says the merge completed; every weight file exists with its recorded size and SHA-256; the
+    headers parse; index, files and headers agree. With ``target``, ``sft`` and ``grpo``: the layout equals the one
+    those inputs and the recorded options produce, and ``sample`` random chunks (all of them with ``full=True``)
+    are recomputed on the CPU and compared byte for byte.
+
+    Args:
+        out (`str | os.PathLike`): the output directory.
+        target, sft, grpo (`str | os.PathLike`, *optional*): the inputs, all three or none.
+        full (`bool`): recompute every chunk.
+        sample (`int`): chunks to recompute when not ``full``.
+        seed (`int`): which chunks are sampled.
+
+    Returns:
+        [`VerifyReport`]: ``ok`` and the problems found (the first names the bad tensor and file).
+    """
+    out_dir = Path(out)
+    report = VerifyReport(str(out_dir))
+    given = [x is not None for x in (target, sft, grpo)]
+    if any(given) and not all(given):
+        raise StreamMergeError("verify: give all of --target, --sft and --grpo, or none")
+    if not out_dir.is_dir():
+        raise StreamMergeError(f"{out_dir}: not a directory")
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise StreamMergeError(f"{out_dir}: no streammerge manifest (.streammerge.json); not a streammerge output")
+    if manifest.get("state") != STATE_COMPLETE:
+        report.fail(
+            f"{out_dir}: the merge did not complete (state {manifest.get('state')!r}); run it again with --resume"
+        )
+    shards = manifest.get("shards", {})
+    for name, rec in shards.items():
+        path = out_dir / name
+        if path.is_symlink() or not path.is_file():
+            report.fail(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != rec.get("size"):
+            report.fail(f"{path}: {size} bytes, the manifest records {rec.get('size')}")
+            continue
+        try:
+            read_header(path)
+        except StreamMergeError as e:
+            report.fail(str(e))
+            continue
+        digest = sha256_file(path)
+        report.bytes_hashed += size
+        report.files_checked += 1
+        if digest != rec.get("sha256"):
+            report.fail(f"{path}: SHA-256 {digest[:16]}... differs from the recorded {str(rec.get('sha256'))[:16]}...")
+    if not report.ok:
+        return report
+    try:
+        with Checkpoint(out_dir, label="output") as ck:
+            on_disk = {f.name for f in ck.files}
+    except StreamMergeError as e:
+        report.fail(str(e))
+        return report
+    if on_disk != set(shards):
+        report.fail(f"{out_dir}: weight files {sorted(on_disk)} differ from the manifest's {sorted(shards)}")
+        return report
+    if all(given):
+        _recompute(out_dir, manifest, target, sft, grpo, full, sample, seed, report)
+    return report
+
+
+def _recompute(
+    out_dir: Path, manifest: dict, target, sft, grpo, full: bool, sample: int, seed: int, report: VerifyReport
+) -> None:
+    from .engines import EngineStats
+    from .engines.cpu import CpuEngine, iter_work
+
+    o = manifest.get("options", {})
+    opts = MergeOptions.create(
+        alpha=float(o.get("alpha", "1.0")),
+        out_dtype=o.get("out_dtype"),
+        missing=o.get("missing", "error"),
+        extra=o.get("extra", "error"),
+        shape_mismatch=o.get("shape_mismatch", "error"),
+        unsupported_dtype=o.get("unsupported_dtype", "error"),
+        max_shard_size=o.get("max_shard_size", 5 * 10**9),
+        copy_aux_files=o.get("copy_aux_files", True),
+        extra_metadata=o.get("extra_metadata", {}),
+        chunk_bytes="4MiB",
+    )
+    ckpts = _open_all(target, sft, grpo)
+    outs: dict[int, Checkpoint] = {}
+    try:
+        plan = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts, sources=manifest.get("sources"))
+        for i, f in enumerate(plan.files):
+            path = out_dir / f.name
+            if not path.is_file():
+                report.fail(f"{path}: these inputs and options produce {f.name}, which is missing")
+                return
+            with open(path, "rb") as fh:
+                if fh.read(len(f.header)) != f.header or os.fstat(fh.fileno()).st_size != f.size:
+                    report.fail(f"{path}: header or size differs from what these inputs and options produce")
+                    return
+            outs[i] = Checkpoint(path, label="output")
+        items = list(iter_work(plan))
+        report.chunks_total = len(items)
+        if not full and sample < len(items):
+            items = sorted(random.Random(seed).sample(items, sample), key=lambda it: (it.tensor.file, it.tensor.offset))
+        buf = torch.empty(opts.chunk_bytes, dtype=torch.uint8)
+        scratch = (torch.empty(opts.chunk_elems), torch.empty(opts.chunk_elems))
+        stats = EngineStats(device="cpu")
+        for item in items:
+            t = item.tensor
+            if t is None or item.stop == item.start:
+                continue
+            out_ck = outs[t.file]
+            ref = out_ck.tensors[t.name]
+            if t.op.value == "copy":
+                want = ckpts["target"].view(t.target, item.start, item.stop)
+                got = out_ck.view(ref, item.start, item.stop)
+            else:
+                CpuEngine._compute(t, item, ckpts, buf, scratch, opts, stats)
+                isz = {"BF16": 2, "F16": 2, "F32": 4}[t.dtype]
+                n = (item.stop - item.start) * isz
+                want = buf[:n]
+                got = out_ck.view(ref, item.start * isz, item.start * isz + n)
+            report.chunks_checked += 1
+            if not torch.equal(want, got):
+                diff = int((want != got).sum())
+                report.fail(
+                    f"{out_dir / plan.files[t.file].name}: tensor {t.name!r} differs from the recomputed merge "
+                    f"({diff} byte(s) in elements [{item.start}, {item.stop}))"
+                )
+                return
+    finally:
+        for c in (*ckpts.values(), *outs.values()):
+            c.close()
