@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
+from ._faults import crash_point
 from .checkpoint import Checkpoint, open_checkpoint
 from .engines import EngineStats, Progress
-from ._faults import crash_point
 from .errors import EngineError, OutputError
 from .options import MergeOptions
 from .plan import MergePlan, build_plan, check_disk_space

@@ -41,8 +41,25 @@ def _visible(out: Path) -> dict[str, str]:
 
 
 def _cmd(dirs, out, *extra):
-    return [sys.executable, "-m", "streammerge", "merge", *map(str, dirs), "-o", str(out), "--device", "cpu",
-            "--max-shard-size", MAX_SHARD, "--chunk-size", "64KiB", "--threads", "1", "-q", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "streammerge",
+        "merge",
+        *map(str, dirs),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        "--max-shard-size",
+        MAX_SHARD,
+        "--chunk-size",
+        "64KiB",
+        "--threads",
+        "1",
+        "-q",
+        *extra,
+    ]
 
 
 def _check_invariants(out: Path, ref: Path) -> None:

@@ -43,8 +43,13 @@ def test_wheel_imports_from_its_own_files(wheel, tmp_path):
         "print(streammerge.__file__); print(r.__file__);"
         "print(importlib.util.find_spec('kernels') is None or 'site' not in str(importlib.util.find_spec('kernels')))"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                       env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     mod, kern, no_top_level = r.stdout.split()
     assert mod.startswith(str(site)) and kern.startswith(str(site)) and no_top_level == "True"
