@@ -133,8 +133,9 @@ class Checkpoint:
         self.tensors: dict[str, TensorRef] = {}
         owner: dict[str, Path] = {}
         for i, f in enumerate(files):
-            if not f.is_file():
-                raise CheckpointError(self._not_a_file(f))
+            problem = self._not_a_file(f)
+            if problem:
+                raise CheckpointError(problem)
             header = read_header(f)
             self.headers.append(header)
             for name, info in header.tensors.items():
@@ -156,15 +157,22 @@ class Checkpoint:
     def _who(self) -> str:
         return f"{self.label} checkpoint: " if self.label else ""
 
-    def _not_a_file(self, f: Path) -> str:
+    def _not_a_file(self, f: Path) -> str | None:
+        """Why ``f`` cannot be a weights file (None when it is a regular file), without opening it."""
         what = f"shard named by {self.index_path}" if self.index_path is not None else "weights file"
-        if f.is_symlink() and not f.exists():
-            return f"{self._who()}{f}: {what} is a dangling symlink (or a symlink loop)"
-        if f.is_dir():
+        try:
+            mode = os.stat(f).st_mode
+        except FileNotFoundError:
+            if os.path.islink(f):
+                return f"{self._who()}{f}: {what} is a dangling symlink"
+            return f"{self._who()}{f}: {what} does not exist"
+        except OSError as e:  # a symlink loop, a name too long, a component that is not a directory, ...
+            return f"{self._who()}{f}: {what} cannot be opened ({e.strerror or e})"
+        if stat.S_ISREG(mode):
+            return None
+        if stat.S_ISDIR(mode):
             return f"{self._who()}{f}: {what} is a directory, not a .safetensors file"
-        if f.exists():
-            return f"{self._who()}{f}: {what} is not a regular file (a FIFO, socket or device); refusing to read it"
-        return f"{self._who()}{f}: {what} does not exist"
+        return f"{self._who()}{f}: {what} is not a regular file (a FIFO, socket or device); refusing to read it"
 
     def _explain_empty(self, path: Path) -> str:
         entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []

@@ -107,7 +107,7 @@ class MergePlan:
         """Host buffers the engine allocates: a bound on anonymous memory growth, independent of model size."""
         from .engines.cpu import host_buffer_bytes
 
-        return host_buffer_bytes(self.options.chunk_bytes)
+        return host_buffer_bytes(self.options.chunk_bytes, self.options.threads)
 
     def index_json(self) -> str:
         weight_map = {t.name: self.files[t.file].name for t in sorted(self.tensors, key=lambda t: t.name)}

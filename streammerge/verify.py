@@ -150,7 +150,10 @@ def _recompute(
         if not full and sample < len(items):
             items = sorted(random.Random(seed).sample(items, sample), key=lambda it: (it.tensor.file, it.tensor.offset))
         buf = torch.empty(opts.chunk_bytes, dtype=torch.uint8)
-        scratch = (torch.empty(opts.chunk_elems), torch.empty(opts.chunk_elems))
+        from .engines.cpu import SUB_BLOCK_ELEMS
+
+        sub = min(SUB_BLOCK_ELEMS, opts.chunk_elems)
+        scratch = [(torch.empty(sub), torch.empty(sub))]
         stats = EngineStats(device="cpu")
         for item in items:
             t = item.tensor

@@ -6,10 +6,12 @@ sized by ``chunk_bytes``; input pages are mapped read-only and dropped from this
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +37,21 @@ SUB_BLOCK_ELEMS = 1024 * 1024
 PREFETCH_AHEAD = 2
 
 
-def host_buffer_bytes(chunk_bytes: int) -> int:
-    """Anonymous memory the CPU engine allocates: output slots + two fp32 scratch buffers + sub-block temporaries."""
+# Compute workers by default: one core is left to the writer thread, whose pwrite (page-cache copy) and SHA-256 cost
+# about as much CPU as the merge math; beyond ~8 workers the elementwise math is bound by memory bandwidth.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 2) - 1))
+
+
+def host_buffer_bytes(chunk_bytes: int, workers: int | None = None) -> int:
+    """Anonymous memory the CPU engine allocates: output slots, plus per worker two fp32 sub-block buffers and the
+    temporaries of one sub-block's torch ops. Independent of tensor and model size."""
+    workers = workers or default_workers()
     sub = min(SUB_BLOCK_ELEMS, max(1, chunk_bytes // 4))
-    return OUTPUT_SLOTS * chunk_bytes + 2 * chunk_bytes + 4 * sub * 4
+    return OUTPUT_SLOTS * chunk_bytes + workers * 4 * sub * 4
 
 
 @dataclass
@@ -98,21 +111,29 @@ class CpuEngine:
         progress: Callable[[Progress], None] | None = None,
     ) -> EngineStats:
         stats = EngineStats(device="cpu")
+        # Parallelism comes from our own worker threads, each running single-threaded torch ops on its own
+        # sub-blocks: torch ops release the GIL, and unlike torch's OpenMP pool nothing spins at a barrier when the
+        # machine is busy (measured on the 2-core machine under load: 2 OpenMP threads ran 4-6x slower than 1).
         old_threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(1)
+        workers = self.threads or default_workers()
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="sm-compute") if workers > 1 else None
         try:
-            self._run(plan, ckpts, writer, progress, stats)
+            self._run(plan, ckpts, writer, progress, stats, pool, workers)
         finally:
             torch.set_num_threads(old_threads)
+            if pool is not None:
+                pool.shutdown(wait=True)
+        stats.notes.append(f"cpu engine: {workers} compute worker(s) + writer thread")
         return stats
 
-    def _run(self, plan, ckpts, writer, progress, stats: EngineStats) -> None:
+    def _run(self, plan, ckpts, writer, progress, stats: EngineStats, pool, workers: int) -> None:
         opts = plan.options
         chunk = opts.chunk_bytes
         elems = opts.chunk_elems
         slots = [torch.empty(chunk, dtype=torch.uint8) for _ in range(OUTPUT_SLOTS)]
-        scratch = (torch.empty(elems, dtype=torch.float32), torch.empty(elems, dtype=torch.float32))
+        sub = min(SUB_BLOCK_ELEMS, elems)
+        scratch = [(torch.empty(sub), torch.empty(sub)) for _ in range(workers)]
         free_slots: queue.Queue[int] = queue.Queue()
         for i in range(OUTPUT_SLOTS):
             free_slots.put(i)
@@ -230,7 +251,7 @@ class CpuEngine:
                 timers["wait_slot"] += time.perf_counter() - t0
                 failure.check()
                 t0 = time.perf_counter()
-                n_in = self._compute(t, item, ckpts, slots[slot], scratch, plan.options, stats)
+                n_in = self._compute(t, item, ckpts, slots[slot], scratch, plan.options, stats, pool)
                 timers["compute"] += time.perf_counter() - t0
                 self._put(write_q, ("slot", slot, item, n_in), failure)
                 peak = max(peak, rss_anon())  # ~20 us per chunk
@@ -265,39 +286,55 @@ class CpuEngine:
                 continue
 
     @staticmethod
-    def _compute(t: OutTensor, item: WorkItem, ckpts, slot: torch.Tensor, scratch, opts, stats: EngineStats) -> int:
-        """Compute one chunk into ``slot``; returns the input bytes it read."""
-        out_dt = OUT_DTYPES[t.dtype]
+    def _compute(
+        t: OutTensor, item: WorkItem, ckpts, slot: torch.Tensor, scratch, opts, stats: EngineStats, pool=None
+    ) -> int:
+        """Compute one chunk into ``slot`` (sub-blocks spread over the workers); returns the input bytes it read."""
         a, b = item.start, item.stop
         n = b - a
-        out = slot[: n * _elem_size(t.dtype)].view(out_dt)
+        out = slot[: n * _elem_size(t.dtype)].view(OUT_DTYPES[t.dtype])
         if t.op is Op.CONVERT:
-            src = _typed_view(ckpts["target"], t.target, a, b)
-            for s0 in range(0, n, SUB_BLOCK_ELEMS):
-                s1 = min(n, s0 + SUB_BLOCK_ELEMS)
-                buf = scratch[0][s0:s1]
-                buf.copy_(src[s0:s1])
-                round_from_f32(buf, t.dtype, out=out[s0:s1])
-            return t.target.nbytes * n // max(1, t.numel)
-        tv = _typed_view(ckpts["target"], t.target, a, b)
-        sv = _typed_view(ckpts["sft"], t.sft, a, b)
-        gv = _typed_view(ckpts["grpo"], t.grpo, a, b)
+            srcs = (_typed_view(ckpts["target"], t.target, a, b),)
+        else:
+            srcs = tuple(
+                _typed_view(ckpts[k], ref, a, b) for k, ref in (("target", t.target), ("sft", t.sft), ("grpo", t.grpo))
+            )
         a32 = torch.tensor(opts.alpha, dtype=torch.float32)
-        for s0 in range(0, n, SUB_BLOCK_ELEMS):
-            s1 = min(n, s0 + SUB_BLOCK_ELEMS)
-            d = scratch[0][s0:s1]
-            r = scratch[1][s0:s1]
-            d.copy_(gv[s0:s1])
-            r.copy_(sv[s0:s1])
-            d.sub_(r)  # g32 - s32
-            d.mul_(a32)  # a32 * d, rounded on its own (no FMA)
-            r.copy_(tv[s0:s1])
-            r.add_(d)  # t32 + m
-            round_from_f32(r, t.dtype, out=out[s0:s1])
-            if opts.check_finite:
-                _count_nonfinite(t, out[s0:s1], (tv[s0:s1], sv[s0:s1], gv[s0:s1]), opts.strict, stats)
-        isz = (t.target.nbytes + t.sft.nbytes + t.grpo.nbytes) // max(1, t.numel)  # type: ignore[union-attr]
-        return isz * n
+        sub = scratch[0][0].numel()
+        blocks = [(s0, min(n, s0 + sub)) for s0 in range(0, n, sub)]
+
+        def work(k: int) -> None:
+            d_buf, r_buf = scratch[k % len(scratch)]
+            for s0, s1 in blocks[k :: len(scratch)]:
+                o = out[s0:s1]
+                if t.op is Op.CONVERT:
+                    r = r_buf[: s1 - s0]
+                    r.copy_(srcs[0][s0:s1])
+                    round_from_f32(r, t.dtype, out=o)
+                    continue
+                tv, sv, gv = (x[s0:s1] for x in srcs)
+                _merge_block(tv, sv, gv, a32, d_buf[: s1 - s0], r_buf[: s1 - s0], t.dtype, o)
+                if opts.check_finite:
+                    _count_nonfinite(t, o, (tv, sv, gv), opts.strict, stats)
+
+        if pool is None or len(blocks) <= 1:
+            work(0)  # one worker takes every block; or the only block is worker 0's
+        else:
+            for f in [pool.submit(work, k) for k in range(min(len(blocks), len(scratch)))]:
+                f.result()
+        refs = (t.target,) if t.op is Op.CONVERT else (t.target, t.sft, t.grpo)
+        return sum(r.nbytes for r in refs) * n // max(1, t.numel)  # type: ignore[union-attr]
+
+
+def _merge_block(tv, sv, gv, a32, d, r, out_dtype: str, out: torch.Tensor) -> None:
+    """DESIGN.md section 2 on one cache-sized block: widen, g - s, * a32, t + m (separate roundings), round."""
+    d.copy_(gv)
+    r.copy_(sv)
+    d.sub_(r)  # g32 - s32
+    d.mul_(a32)  # a32 * d, rounded on its own (never fused with the add)
+    r.copy_(tv)
+    r.add_(d)  # t32 + m
+    round_from_f32(r, out_dtype, out=out)
 
 
 def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> int:
