@@ -14,10 +14,10 @@ from . import __version__
 from ._faults import crash_point
 from .checkpoint import Checkpoint, open_checkpoint
 from .engines import EngineStats, Progress
-from .errors import EngineError, OutputError
+from .errors import EngineError, OptionsError, OutputError
 from .options import MergeOptions
 from .plan import MergePlan, build_plan, check_disk_space
-from .writer import OutputWriter
+from .writer import NullWriter, OutputWriter
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -186,6 +186,7 @@ def merge(
     options: MergeOptions | None = None,
     progress: ProgressCallback | None = None,
     resume: bool = False,
+    sink: str = "disk",
     **kwargs,
 ) -> MergeReport:
     """Compute ``out = target + alpha * (grpo - sft)`` tensor by tensor, chunk by chunk, into a new directory.
@@ -201,6 +202,8 @@ def merge(
         progress (`Callable[[Progress], None]`, *optional*): called after each chunk with bytes done/total.
         resume (`bool`, defaults to False): continue an interrupted merge in ``out``: shards it finished are kept
             once their recorded SHA-256 is verified, the rest are redone; a different merge is refused.
+        sink (`str`, defaults to "disk"): "null" computes everything and discards the output (benchmarks, 70B-scale
+            dry runs); "null-sha256" also reports each file's SHA-256 (to compare engines without disk space).
         **kwargs: any other `MergeOptions` field: ``chunk_bytes`` (int or "64MiB"), ``max_shard_size`` ("5GB"),
             ``out_dtype`` ("bf16"/"fp16"/"fp32"), ``missing``, ``extra``, ``shape_mismatch``,
             ``unsupported_dtype``, ``threads``, ``overwrite``, ``copy_aux_files``.
@@ -223,15 +226,22 @@ def merge(
     explicit = {k: v for k, v in (("alpha", alpha), ("device", device)) if v is not None}
     opts = _options(options, {**explicit, **kwargs})
     out_dir = Path(out)
+    if sink not in ("disk", "null", "null-sha256"):
+        raise OptionsError(f"sink: {sink!r} is not disk, null or null-sha256")
     ckpts = _open_all(target, sft, grpo)
     try:
         p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
-        _check_paths(out_dir, ckpts)
-        check_disk_space(p, out_dir)
+        if sink == "disk":
+            _check_paths(out_dir, ckpts)
+            check_disk_space(p, out_dir)
         engine, engine_note = select_engine(opts.device, opts.threads)
         identity = merge_identity(p, ckpts)
         crash_point("planned")
-        with OutputWriter(out_dir, p, identity, resume=resume) as writer:
+        if sink == "disk":
+            writer_cm = OutputWriter(out_dir, p, identity, resume=resume)
+        else:
+            writer_cm = NullWriter(p, checksums=sink == "null-sha256")
+        with writer_cm as writer:
             stats: EngineStats = engine.run(p, ckpts, writer, progress)
             small = {path.name: path.read_bytes() for path in p.aux_files}
             small["README.md"] = model_card(p).encode()

@@ -187,6 +187,12 @@ def merge(
     ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="With --check-finite: fail on such a tensor.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: check everything, write nothing.")] = False,
+    sink: Annotated[
+        str,
+        typer.Option(
+            "--sink", help="disk; or null / null-sha256: compute everything, discard the output (benchmarks)."
+        ),
+    ] = "disk",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only errors and the summary.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -220,12 +226,12 @@ def merge(
         if dry_run:
             _plan_body(target, sft, grpo, out, opts, as_json)
             return
-        _merge_body(target, sft, grpo, out, opts, quiet, as_json, resume)
+        _merge_body(target, sft, grpo, out, opts, quiet, as_json, resume, sink)
 
     _run(body)
 
 
-def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume: bool = False) -> None:
+def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume: bool = False, sink="disk") -> None:
     from rich.console import Console
 
     from .api import merge as merge_fn
@@ -256,9 +262,9 @@ def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume
             def on_progress(ev):
                 bar.update(task, completed=ev.bytes_done, total=ev.bytes_total)
 
-            report = merge_fn(target, sft, grpo, out, options=opts, progress=on_progress, resume=resume)
+            report = merge_fn(target, sft, grpo, out, options=opts, progress=on_progress, resume=resume, sink=sink)
     else:
-        report = merge_fn(target, sft, grpo, out, options=opts, resume=resume)
+        report = merge_fn(target, sft, grpo, out, options=opts, resume=resume, sink=sink)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -274,7 +280,7 @@ def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume
         + (f", peak GPU memory {_gb(report.peak_gpu_memory)}" if report.peak_gpu_memory else "")
     )
     for w in report.warnings:
-        print(w if w.startswith(("engine:", "resume:")) else f"warning: {w}")
+        print(w if w.startswith(("engine:", "resume:", "sink:", "cpu engine:")) else f"warning: {w}")
     if report.nonfinite:
         items = sorted(report.nonfinite.items(), key=lambda kv: -kv[1])
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -195,3 +196,13 @@ def test_progress_callback(small_trio, tmp_path):
     done = [e.bytes_done for e in events]
     assert done == sorted(done) and done[-1] == events[-1].bytes_total
     assert events[-1].tensors_done == len(SMALL_SHAPES)
+
+
+def test_null_sink_computes_the_same_bytes_and_writes_nothing(small_trio, tmp_path):
+    disk = streammerge.merge(*small_trio, tmp_path / "disk", device="cpu", max_shard_size=20_000)
+    null = streammerge.merge(*small_trio, tmp_path / "null", device="cpu", max_shard_size=20_000, sink="null-sha256")
+    assert not (tmp_path / "null").exists()
+    assert null.shard_sha256 == disk.shard_sha256 and len(disk.shard_sha256) > 1
+    assert null.bytes_written == disk.bytes_written and null.bytes_read == disk.bytes_read
+    for name, digest in disk.shard_sha256.items():
+        assert hashlib.sha256((tmp_path / "disk" / name).read_bytes()).hexdigest() == digest
