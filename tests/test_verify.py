@@ -1,0 +1,113 @@
+"""streammerge verify (library and CLI) and --check-finite / --strict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_all, make_related, write_checkpoint
+from typer.testing import CliRunner
+
+import streammerge
+from streammerge.cli import app
+from streammerge.errors import NonFiniteError
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def merged(small_trio, tmp_path):
+    out = tmp_path / "out"
+    streammerge.merge(*small_trio, out, device="cpu", max_shard_size=20_000)
+    return out
+
+
+def test_verify_ok_structure_and_full(small_trio, merged):
+    r = streammerge.verify(merged)
+    assert r.ok and r.files_checked > 1 and r.chunks_checked == 0
+    r = streammerge.verify(merged, *small_trio, full=True)
+    assert r.ok and r.chunks_checked == r.chunks_total > 0
+    cli = runner.invoke(
+        app,
+        [
+            "verify",
+            str(merged),
+            "--target",
+            str(small_trio[0]),
+            "--sft",
+            str(small_trio[1]),
+            "--grpo",
+            str(small_trio[2]),
+            "--full",
+        ],
+    )
+    assert cli.exit_code == 0 and cli.output.startswith("OK:")
+
+
+def test_verify_detects_a_flipped_byte(merged):
+    shard = sorted(merged.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0x10
+    shard.write_bytes(bytes(data))
+    r = streammerge.verify(merged)
+    assert not r.ok and str(shard) in r.problems[0] and "SHA-256" in r.problems[0]
+    cli = runner.invoke(app, ["verify", str(merged)])
+    assert cli.exit_code == 1 and str(shard) in cli.output and "Traceback" not in cli.output
+
+
+def test_verify_recompute_names_the_tensor_when_checksums_were_forged(small_trio, merged):
+    # rewrite a tensor's bytes AND the manifest's checksum: only recomputation can tell
+    from streammerge.checkpoint import Checkpoint
+    from streammerge.writer import sha256_file
+
+    with Checkpoint(merged) as ck:
+        name = "model.layers.0.mlp.up_proj.weight"
+        ref = ck.tensors[name]
+        path = ck.files[ref.file]
+    data = bytearray(path.read_bytes())
+    data[ref.offset + 10] ^= 0x01
+    path.write_bytes(bytes(data))
+    m = json.loads((merged / ".streammerge.json").read_text())
+    m["shards"][path.name]["sha256"] = sha256_file(path)
+    (merged / ".streammerge.json").write_text(json.dumps(m))
+    assert streammerge.verify(merged).ok  # structure and checksums look fine
+    r = streammerge.verify(merged, *small_trio, full=True)
+    assert not r.ok and name in r.problems[0] and path.name in r.problems[0]
+
+
+def test_verify_incomplete_and_missing(merged):
+    m = json.loads((merged / ".streammerge.json").read_text())
+    m["state"] = "in-progress"
+    (merged / ".streammerge.json").write_text(json.dumps(m))
+    r = streammerge.verify(merged)
+    assert not r.ok and "did not complete" in r.problems[0]
+    sorted(merged.glob("model-*.safetensors"))[0].unlink()
+    assert "missing" in " ".join(streammerge.verify(merged).problems)
+
+
+def test_verify_needs_all_three_inputs(small_trio, merged):
+    with pytest.raises(streammerge.StreamMergeError, match="all of"):
+        streammerge.verify(merged, small_trio[0])
+
+
+def test_check_finite_and_strict(tmp_path):
+    t, s, g = make_related({"w": (64,), "ok": (8,)}, dtype="F16")
+    t["w"][0] = 60000.0  # finite in fp16 ...
+    g["w"][0] = s["w"][0] + 10000.0  # ... but t + (g - s) overflows fp16
+    dirs = [write_checkpoint(tmp_path / n, sd) for n, sd in zip("tsg", (t, s, g))]
+    r = streammerge.merge(*dirs, tmp_path / "out", device="cpu", check_finite=True)
+    assert r.nonfinite == {"w": 1}
+    with pytest.raises(NonFiniteError, match="'w'"):
+        streammerge.merge(*dirs, tmp_path / "strict", device="cpu", check_finite=True, strict=True)
+    assert not list((tmp_path / "strict").glob("*.safetensors"))
+    cli = runner.invoke(app, ["merge", *map(str, dirs), "-o", str(tmp_path / "c"), "--check-finite"])
+    assert cli.exit_code == 0 and "became non-finite" in cli.output and "w (1)" in cli.output
+    cli = runner.invoke(app, ["merge", *map(str, dirs), "-o", str(tmp_path / "d"), "--strict"])
+    assert cli.exit_code == 1 and "--strict" in cli.output
+    # NaN already in the inputs propagates per the contract and is not counted
+    t["ok"][3] = float("nan")
+    dirs = [write_checkpoint(tmp_path / ("n" + n), sd) for n, sd in zip("tsg", (t, s, g))]
+    r = streammerge.merge(*dirs, tmp_path / "out2", device="cpu", check_finite=True)
+    assert "ok" not in r.nonfinite
+    assert torch.isnan(load_all(tmp_path / "out2")["ok"][3])
