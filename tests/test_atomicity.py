@@ -155,3 +155,39 @@ def test_concurrent_merge_is_refused(trio, tmp_path):
     finally:
         os.close(fd)
     assert not any(out.iterdir())
+
+
+def test_symlinks_in_the_output_are_never_followed(trio, tmp_path):
+    dirs, ref = trio
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    # an interrupted merge, then links planted where a shard, the index and the card will go
+    r = subprocess.run(_cmd(dirs, out), env={**os.environ, "STREAMMERGE_CRASH_AT": "shard:1"}, capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    shard0 = sorted(p for p in out.glob("model-*.safetensors"))[0]
+    shard0.unlink()
+    for name in (shard0.name, "model.safetensors.index.json", "README.md", ".model-00004-of-00006.safetensors.partial"):
+        (out / name).unlink(missing_ok=True)
+        os.symlink(victim, out / name)
+    r = subprocess.run(_cmd(dirs, out, "--resume"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "precious"
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert _visible(out) == _visible(ref)
+    # --overwrite removes links, never their targets
+    (out / "config.json").unlink()
+    os.symlink(victim, out / "config.json")
+    r = subprocess.run(_cmd(dirs, out, "--overwrite"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "precious"
+
+
+def test_output_path_that_is_a_symlink_is_refused(trio, tmp_path):
+    dirs, _ = trio
+    real = tmp_path / "real"
+    real.mkdir()
+    os.symlink(real, tmp_path / "link")
+    r = subprocess.run(_cmd(dirs, tmp_path / "link"), capture_output=True, text=True)
+    assert r.returncode == 1 and "symlink" in r.stderr
+    assert not any(real.iterdir())
