@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .engines import EngineStats, Progress
 from .errors import EngineError, OptionsError, OutputError
 from .options import MergeOptions
-from .plan import MergePlan, build_plan, check_disk_space
+from .plan import MergePlan, _printable, build_plan, check_disk_space
 from .writer import NullWriter, OutputWriter
 
 ProgressCallback = Callable[[Progress], None]
@@ -330,9 +330,9 @@ tags:
 
 | | |
 |---|---|
-| target | `{p.sources["target"]}` |
-| sft | `{p.sources["sft"]}` |
-| grpo | `{p.sources["grpo"]}` |
+| target | `{_printable(p.sources["target"])}` |
+| sft | `{_printable(p.sources["sft"])}` |
+| grpo | `{_printable(p.sources["grpo"])}` |
 | α | {o.alpha!r} |
 | output dtype | {o.out_dtype or "target's dtype per tensor"} |
 | tensors merged | {p.merged} |{reasons}

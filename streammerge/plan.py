@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,11 @@ def build_plan(
     return plan
 
 
+def _printable(path: str) -> str:
+    """A source path as valid UTF-8 for the header metadata (undecodable bytes become backslash escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _layout(out: list[OutTensor], options: MergeOptions, sources: dict[str, str]) -> list[OutFile]:
     split = split_state_dict_into_shards_factory(
         {t.name: t for t in out},
@@ -264,9 +270,9 @@ def _layout(out: list[OutTensor], options: MergeOptions, sources: dict[str, str]
         "streammerge_version": __version__,
         "streammerge_formula": "target + alpha * (grpo - sft)",
         "streammerge_alpha": repr(float(options.alpha)),
-        "streammerge_target": sources["target"],
-        "streammerge_sft": sources["sft"],
-        "streammerge_grpo": sources["grpo"],
+        "streammerge_target": _printable(sources["target"]),
+        "streammerge_sft": _printable(sources["sft"]),
+        "streammerge_grpo": _printable(sources["grpo"]),
         **({"streammerge_out_dtype": options.out_dtype} if options.out_dtype else {}),
         **options.extra_metadata,
     }

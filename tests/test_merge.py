@@ -206,3 +206,15 @@ def test_null_sink_computes_the_same_bytes_and_writes_nothing(small_trio, tmp_pa
     assert null.bytes_written == disk.bytes_written and null.bytes_read == disk.bytes_read
     for name, digest in disk.shard_sha256.items():
         assert hashlib.sha256((tmp_path / "disk" / name).read_bytes()).hexdigest() == digest
+
+
+def test_source_paths_that_are_not_utf8(tmp_path):
+    import os
+
+    t, s, g = make_related({"a": (4,)})
+    bad = os.fsdecode(b"\xffckpt-")
+    dirs = [write_checkpoint(tmp_path / (bad + n), sd) for n, sd in zip("tsg", (t, s, g))]
+    r = streammerge.merge(*dirs, tmp_path / "out", device="cpu")
+    assert r.tensors_merged == 1
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as h:
+        assert h.metadata()["streammerge_target"].endswith("\\xffckpt-t")
