@@ -61,6 +61,7 @@ class MergeReport:
     nonfinite: dict[str, int] = field(default_factory=dict)
     shard_sha256: dict[str, str] = field(default_factory=dict)
     resumed_shards: int = 0
+    pushed: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,11 +76,25 @@ def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
     return MergeOptions.create(**kwargs)
 
 
-def _open_all(target, sft, grpo) -> dict[str, Checkpoint]:
+def _open_all(target, sft, grpo, headers_only: bool = False) -> dict[str, Checkpoint]:
+    """Open the three checkpoints; Hub repository ids are resolved to snapshots (their commit recorded). With
+    ``headers_only``, a repository not in the local cache is read as remote headers, downloading no weights."""
+    from . import hub
+
     ckpts: dict[str, Checkpoint] = {}
     try:
         for label, src in (("target", target), ("sft", sft), ("grpo", grpo)):
-            ckpts[label] = open_checkpoint(src, label)
+            if hub.parse_repo_spec(src) is not None:
+                hs = hub.resolve_cached(str(src), label) if headers_only else None
+                if headers_only and hs is None:
+                    ckpts[label] = hub.RemoteHeaders(str(src), label)  # type: ignore[assignment]
+                    continue
+                hs = hs or hub.resolve(str(src), label)
+                ck = open_checkpoint(hs.path, label, allowed_roots=[hs.blobs])
+                ck.source = hs.label
+                ckpts[label] = ck
+            else:
+                ckpts[label] = open_checkpoint(src, label)
     except BaseException:
         for c in ckpts.values():
             c.close()
@@ -90,6 +105,8 @@ def _open_all(target, sft, grpo) -> dict[str, Checkpoint]:
 def _check_paths(out: Path, ckpts: dict[str, Checkpoint]) -> None:
     out_real = Path(os.path.realpath(out))
     for label, ck in ckpts.items():
+        if ck.root is None:  # remote headers: nothing local to protect
+            continue
         root = Path(os.path.realpath(ck.root))
         if out_real == root or root in out_real.parents:
             raise OutputError(
@@ -125,7 +142,7 @@ def plan(
         [`StreamMergeError`]: anything the merge itself would refuse.
     """
     opts = _options(options, kwargs)
-    ckpts = _open_all(target, sft, grpo)
+    ckpts = _open_all(target, sft, grpo, headers_only=True)
     try:
         p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
         if out is not None:
@@ -187,6 +204,8 @@ def merge(
     progress: ProgressCallback | None = None,
     resume: bool = False,
     sink: str = "disk",
+    push_to: str | None = None,
+    private: bool = False,
     **kwargs,
 ) -> MergeReport:
     """Compute ``out = target + alpha * (grpo - sft)`` tensor by tensor, chunk by chunk, into a new directory.
@@ -204,6 +223,8 @@ def merge(
             once their recorded SHA-256 is verified, the rest are redone; a different merge is refused.
         sink (`str`, defaults to "disk"): "null" computes everything and discards the output (benchmarks, 70B-scale
             dry runs); "null-sha256" also reports each file's SHA-256 (to compare engines without disk space).
+        push_to (`str`, *optional*): a Hub repository id to upload the finished, verified output to.
+        private (`bool`, defaults to False): create the pushed repository as private.
         **kwargs: any other `MergeOptions` field: ``chunk_bytes`` (int or "64MiB"), ``max_shard_size`` ("5GB"),
             ``out_dtype`` ("bf16"/"fp16"/"fp32"), ``missing``, ``extra``, ``shape_mismatch``,
             ``unsupported_dtype``, ``threads``, ``overwrite``, ``copy_aux_files``.
@@ -248,6 +269,16 @@ def merge(
             files = writer.finalize(small)
         seconds = time.perf_counter() - t_start
         moved = stats.bytes_read + stats.bytes_written
+        pushed = ""
+        if push_to and sink == "disk":
+            from .hub import push
+
+            pushed = push(
+                out_dir,
+                push_to,
+                private=private,
+                commit_message=f"streammerge: {p.sources['target']} + {opts.alpha!r} * (grpo - sft)",
+            )
         return MergeReport(
             out_dir=str(out_dir),
             device=engine.name,
@@ -267,6 +298,7 @@ def merge(
             nonfinite=dict(stats.nonfinite),
             shard_sha256={k: v["sha256"] for k, v in writer.shards.items()},
             resumed_shards=len(writer.done_files),
+            pushed=pushed,
         )
     finally:
         for c in ckpts.values():

@@ -388,10 +388,10 @@ def _pickle_message(path: Path) -> str:
     )
 
 
-def open_checkpoint(source: str | os.PathLike, label: str = "") -> Checkpoint:
+def open_checkpoint(source: str | os.PathLike, label: str = "", allowed_roots: list[Path] | None = None) -> Checkpoint:
     """Open a checkpoint, turning unexpected OS errors into a `CheckpointError` naming it."""
     try:
-        return Checkpoint(source, label=label)
+        return Checkpoint(source, label=label, allowed_roots=allowed_roots)
     except (CheckpointError, HeaderError):
         raise
     except OSError as e:

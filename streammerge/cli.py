@@ -193,6 +193,10 @@ def merge(
             "--sink", help="disk; or null / null-sha256: compute everything, discard the output (benchmarks)."
         ),
     ] = "disk",
+    push_to: Annotated[
+        str | None, typer.Option("--push-to", help="Upload the finished, verified output to this Hub repo id.")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo as private.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only errors and the summary.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -205,6 +209,10 @@ def merge(
       streammerge merge target/ sft/ grpo/ -o out/ --alpha -1          # remove the vector
 
       streammerge merge t/ s/ g/ -o out/ --device cuda --chunk-size 256MiB --max-shard-size 10GB
+
+      streammerge merge Qwen/Qwen2.5-1.5B-Instruct org/sft@main org/grpo -o out/ --push-to me/merged --private
+
+    TARGET, SFT and GRPO are local paths or Hub repo ids (org/name[@revision]).
     """
 
     def body():
@@ -226,12 +234,14 @@ def merge(
         if dry_run:
             _plan_body(target, sft, grpo, out, opts, as_json)
             return
-        _merge_body(target, sft, grpo, out, opts, quiet, as_json, resume, sink)
+        _merge_body(target, sft, grpo, out, opts, quiet, as_json, resume, sink, push_to, private)
 
     _run(body)
 
 
-def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume: bool = False, sink="disk") -> None:
+def _merge_body(
+    target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume=False, sink="disk", push_to=None, private=False
+) -> None:
     from rich.console import Console
 
     from .api import merge as merge_fn
@@ -262,9 +272,22 @@ def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume
             def on_progress(ev):
                 bar.update(task, completed=ev.bytes_done, total=ev.bytes_total)
 
-            report = merge_fn(target, sft, grpo, out, options=opts, progress=on_progress, resume=resume, sink=sink)
+            report = merge_fn(
+                target,
+                sft,
+                grpo,
+                out,
+                options=opts,
+                progress=on_progress,
+                resume=resume,
+                sink=sink,
+                push_to=push_to,
+                private=private,
+            )
     else:
-        report = merge_fn(target, sft, grpo, out, options=opts, resume=resume, sink=sink)
+        report = merge_fn(
+            target, sft, grpo, out, options=opts, resume=resume, sink=sink, push_to=push_to, private=private
+        )
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -281,6 +304,8 @@ def _merge_body(target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume
     )
     for w in report.warnings:
         print(w if w.startswith(("engine:", "resume:", "sink:", "cpu engine:")) else f"warning: {w}")
+    if report.pushed:
+        print(f"pushed: {report.pushed}")
     if report.nonfinite:
         items = sorted(report.nonfinite.items(), key=lambda kv: -kv[1])
         print(
