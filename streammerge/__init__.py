@@ -6,7 +6,7 @@ output bytes on every device.
 
 __version__ = "0.1.0"
 
-from .api import MergeReport, merge, plan  # noqa: E402
+from .api import MergeReport, apply, extract, merge, plan  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     EngineError,
@@ -31,6 +31,8 @@ __all__ = [
     "TensorMismatchError",
     "VerifyReport",
     "__version__",
+    "apply",
+    "extract",
     "merge",
     "plan",
     "verify",

@@ -105,7 +105,7 @@ def _open_all(target, sft, grpo, headers_only: bool = False) -> dict[str, Checkp
 def _check_paths(out: Path, ckpts: dict[str, Checkpoint]) -> None:
     out_real = Path(os.path.realpath(out))
     for label, ck in ckpts.items():
-        if ck.root is None:  # remote headers: nothing local to protect
+        if ck is None or ck.root is None:  # no such input, or remote headers: nothing local to protect
             continue
         root = Path(os.path.realpath(ck.root))
         if out_real == root or root in out_real.parents:
@@ -247,61 +247,144 @@ def merge(
     explicit = {k: v for k, v in (("alpha", alpha), ("device", device)) if v is not None}
     opts = _options(options, {**explicit, **kwargs})
     out_dir = Path(out)
-    if sink not in ("disk", "null", "null-sha256"):
-        raise OptionsError(f"sink: {sink!r} is not disk, null or null-sha256")
     ckpts = _open_all(target, sft, grpo)
     try:
         p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
-        if sink == "disk":
-            _check_paths(out_dir, ckpts)
-            check_disk_space(p, out_dir)
-        engine, engine_note = select_engine(opts.device, opts.threads)
-        identity = merge_identity(p, ckpts)
-        crash_point("planned")
-        if sink == "disk":
-            writer_cm = OutputWriter(out_dir, p, identity, resume=resume)
-        else:
-            writer_cm = NullWriter(p, checksums=sink == "null-sha256")
-        with writer_cm as writer:
-            stats: EngineStats = engine.run(p, ckpts, writer, progress)
-            small = {path.name: path.read_bytes() for path in p.aux_files}
-            small["README.md"] = model_card(p).encode()
-            files = writer.finalize(small)
-        seconds = time.perf_counter() - t_start
-        moved = stats.bytes_read + stats.bytes_written
-        pushed = ""
-        if push_to and sink == "disk":
-            from .hub import push
-
-            pushed = push(
-                out_dir,
-                push_to,
-                private=private,
-                commit_message=f"streammerge: {p.sources['target']} + {opts.alpha!r} * (grpo - sft)",
-            )
-        return MergeReport(
-            out_dir=str(out_dir),
-            device=engine.name,
-            tensors_merged=p.merged,
-            tensors_copied=p.copied,
-            copied_reasons=dict(p.copied_reasons),
-            ignored_extra=len(p.ignored_extra),
-            bytes_read=stats.bytes_read,
-            bytes_written=stats.bytes_written,
-            seconds=seconds,
-            gbps=moved / seconds / 1e9 if seconds > 0 else 0.0,
-            peak_rss_anon=stats.peak_rss_anon,
-            peak_gpu_memory=stats.peak_gpu_memory,
-            output_files=files,
-            warnings=list(p.warnings) + writer.notes + [f"engine: {engine_note}"] + stats.notes,
-            stage_seconds=dict(stats.stage_seconds),
-            nonfinite=dict(stats.nonfinite),
-            shard_sha256={k: v["sha256"] for k, v in writer.shards.items()},
-            resumed_shards=len(writer.done_files),
-            pushed=pushed,
-        )
+        return _execute(p, ckpts, out_dir, opts, t_start, progress, resume, sink, push_to, private)
     finally:
         for c in ckpts.values():
+            c.close()
+
+
+def _execute(
+    p: MergePlan,
+    ckpts,
+    out_dir: Path,
+    opts: MergeOptions,
+    t_start: float,
+    progress,
+    resume: bool,
+    sink: str,
+    push_to: str | None,
+    private: bool,
+) -> MergeReport:
+    """Run a plan: pick the engine, open the writer (or the null sink), finalize, optionally push; the report."""
+    if sink not in ("disk", "null", "null-sha256"):
+        raise OptionsError(f"sink: {sink!r} is not disk, null or null-sha256")
+    if sink == "disk":
+        _check_paths(out_dir, ckpts)
+        check_disk_space(p, out_dir)
+    engine, engine_note = select_engine(opts.device, opts.threads)
+    identity = merge_identity(p, ckpts)
+    crash_point("planned")
+    if sink == "disk":
+        writer_cm = OutputWriter(out_dir, p, identity, resume=resume)
+    else:
+        writer_cm = NullWriter(p, checksums=sink == "null-sha256")
+    with writer_cm as writer:
+        stats: EngineStats = engine.run(p, ckpts, writer, progress)
+        small = {path.name: path.read_bytes() for path in p.aux_files}
+        small["README.md"] = model_card(p).encode()
+        files = writer.finalize(small)
+    seconds = time.perf_counter() - t_start
+    moved = stats.bytes_read + stats.bytes_written
+    pushed = ""
+    if push_to and sink == "disk":
+        from .hub import push
+
+        pushed = push(out_dir, push_to, private=private, commit_message=f"streammerge: {p.formula}")
+    return MergeReport(
+        out_dir=str(out_dir),
+        device=engine.name,
+        tensors_merged=p.merged,
+        tensors_copied=p.copied,
+        copied_reasons=dict(p.copied_reasons),
+        ignored_extra=len(p.ignored_extra),
+        bytes_read=stats.bytes_read,
+        bytes_written=stats.bytes_written,
+        seconds=seconds,
+        gbps=moved / seconds / 1e9 if seconds > 0 else 0.0,
+        peak_rss_anon=stats.peak_rss_anon,
+        peak_gpu_memory=stats.peak_gpu_memory,
+        output_files=files,
+        warnings=list(p.warnings) + writer.notes + [f"engine: {engine_note}"] + stats.notes,
+        stage_seconds=dict(stats.stage_seconds),
+        nonfinite=dict(stats.nonfinite),
+        shard_sha256={k: v["sha256"] for k, v in writer.shards.items()},
+        resumed_shards=len(writer.done_files),
+        pushed=pushed,
+    )
+
+
+def extract(
+    sft: str | os.PathLike,
+    grpo: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    options: MergeOptions | None = None,
+    progress: ProgressCallback | None = None,
+    resume: bool = False,
+    sink: str = "disk",
+    **kwargs,
+) -> MergeReport:
+    """Write the vector ``v = grpo - sft`` as a safetensors checkpoint, to apply later with :func:`apply`.
+
+    Per element ``v = round(g32 - s32)``. In float32 (the default) no rounding happens at all, so
+    ``apply(target, v, alpha=a)`` gives exactly the bytes of ``merge(target, sft, grpo, alpha=a)``. ``dtype="bf16"``
+    halves the size but adds a rounding (apply is then no longer byte-identical to the three-way merge).
+    Non-floating tensors are copied from ``grpo``. Same options and report as :func:`merge`.
+
+    Example:
+        ```py
+        >>> streammerge.extract("sft/", "grpo/", "reasoning-vector/")
+        >>> streammerge.apply("Qwen2.5-7B-Instruct/", "reasoning-vector/", "out/", alpha=1.0)
+        ```
+    """
+    t_start = time.perf_counter()
+    opts = _options(options, {**kwargs, "out_dtype": dtype, "alpha": 1.0})
+    sft_ck, grpo_ck = (_open_all(sft, grpo, grpo)[k] for k in ("target", "sft"))
+    ckpts = {"target": grpo_ck, "sft": sft_ck, "grpo": grpo_ck}
+    try:
+        sources = {"target": "-", "sft": sft_ck.source, "grpo": grpo_ck.source}
+        p = build_plan(grpo_ck, sft_ck, grpo_ck, opts, sources=sources, kind="vector")
+        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, None, False)
+    finally:
+        sft_ck.close()
+        grpo_ck.close()
+
+
+def apply(
+    target: str | os.PathLike,
+    vector: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    alpha: float | None = None,
+    device: str | None = None,
+    options: MergeOptions | None = None,
+    progress: ProgressCallback | None = None,
+    resume: bool = False,
+    sink: str = "disk",
+    push_to: str | None = None,
+    private: bool = False,
+    **kwargs,
+) -> MergeReport:
+    """``out = target + alpha * vector`` for a vector written by :func:`extract` (one rounding, as in `merge`).
+
+    With a float32 vector the bytes equal ``merge(target, sft, grpo, alpha=alpha)``. Same options and report as
+    :func:`merge` (rules, policies, out dtype, sinks, push).
+    """
+    t_start = time.perf_counter()
+    explicit = {k: v for k, v in (("alpha", alpha), ("device", device)) if v is not None}
+    opts = _options(options, {**explicit, **kwargs})
+    opened = _open_all(target, vector, vector)
+    ckpts = {"target": opened["target"], "sft": None, "grpo": opened["grpo"]}
+    try:
+        sources = {"target": opened["target"].source, "sft": "-", "grpo": opened["grpo"].source}
+        p = build_plan(opened["target"], opened["sft"], opened["grpo"], opts, sources=sources, kind="apply")
+        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, push_to, private)
+    finally:
+        for c in opened.values():
             c.close()
 
 
@@ -310,6 +393,8 @@ def merge_identity(p: MergePlan, ckpts: dict[str, Checkpoint]) -> dict:
     the output layout, with a fingerprint over all of it. Recorded in the manifest; ``resume`` requires a match."""
     inputs = {}
     for label, ck in ckpts.items():
+        if ck is None:
+            continue
         entries = []
         for f in ck.files:
             st = f.stat()
@@ -330,6 +415,9 @@ def merge_identity(p: MergePlan, ckpts: dict[str, Checkpoint]) -> dict:
         "max_shard_size": o.max_shard_size,
         "copy_aux_files": o.copy_aux_files,
         "extra_metadata": dict(o.extra_metadata),
+        "rules": [r.describe() for r in o.rules],
+        "vocab_mismatch": o.vocab_mismatch,
+        "kind": p.kind,
     }
     layout = [{"name": f.name, "size": f.size, "header_sha256": hashlib.sha256(f.header).hexdigest()} for f in p.files]
     identity = {

@@ -119,10 +119,33 @@ ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads f
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
-def _options(**kw):
-    from .options import MergeOptions
+RuleOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--rule",
+        help="Per-tensor rule REGEX=ALPHA, REGEX=copy-target or REGEX=skip (regex searched in the name); repeatable, "
+        "first match wins.",
+    ),
+]
+RulesFileOpt = Annotated[
+    str | None, typer.Option("--rules", help="TOML file of [[rule]] tables (pattern + alpha or action).")
+]
+VocabOpt = Annotated[
+    str,
+    typer.Option(
+        "--vocab-mismatch",
+        help="Embedding/lm_head row counts differ (resized tokenizer): error, common-rows or copy-target.",
+    ),
+]
 
-    return MergeOptions.create(**kw)
+
+def _options(rule: list[str] | None = None, rules_file: str | None = None, **kw):
+    from .options import MergeOptions, Rule, load_rules
+
+    rules = tuple(Rule.parse(r) for r in rule or ())
+    if rules_file:
+        rules += load_rules(rules_file)
+    return MergeOptions.create(rules=rules, **kw)
 
 
 def _print_plan(summary: dict, out: str | None) -> None:
@@ -143,6 +166,8 @@ def _print_plan(summary: dict, out: str | None) -> None:
         f"memory  ~{_gb(s['expected_peak_host_memory'])} host buffers (chunk {_gb(s['chunk_bytes'])}, "
         f"{s['chunks']} chunks); independent of model size",
     ]
+    for rule_text, hits in s.get("rule_hits", {}).items():
+        lines.append(f"rule    {rule_text}: {hits} tensor(s)")
     print("\n".join(lines))
     for w in s["warnings"]:
         _stderr(f"warning: {w}")
@@ -175,6 +200,9 @@ def merge(
     extra: ExtraOpt = "error",
     shape_mismatch: ShapeOpt = "error",
     unsupported_dtype: UnsupOpt = "error",
+    vocab_mismatch: VocabOpt = "error",
+    rule: RuleOpt = None,
+    rules: RulesFileOpt = None,
     threads: ThreadsOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a previous streammerge output in OUT.")
@@ -226,6 +254,9 @@ def merge(
             extra=extra,
             shape_mismatch=shape_mismatch,
             unsupported_dtype=unsupported_dtype,
+            vocab_mismatch=vocab_mismatch,
+            rule=rule,
+            rules_file=rules,
             threads=threads,
             overwrite=overwrite,
             check_finite=check_finite or strict,
@@ -288,6 +319,10 @@ def _merge_body(
         report = merge_fn(
             target, sft, grpo, out, options=opts, resume=resume, sink=sink, push_to=push_to, private=private
         )
+    _print_report(report, opts, as_json)
+
+
+def _print_report(report, opts, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -331,6 +366,9 @@ def plan(
     extra: ExtraOpt = "error",
     shape_mismatch: ShapeOpt = "error",
     unsupported_dtype: UnsupOpt = "error",
+    vocab_mismatch: VocabOpt = "error",
+    rule: RuleOpt = None,
+    rules: RulesFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Read headers only: pairing, output layout, bytes to move, disk and memory needed. Fails on what merge would.
@@ -354,10 +392,116 @@ def plan(
                 extra=extra,
                 shape_mismatch=shape_mismatch,
                 unsupported_dtype=unsupported_dtype,
+                vocab_mismatch=vocab_mismatch,
+                rule=rule,
+                rules_file=rules,
             ),
             as_json,
         )
     )
+
+
+@app.command()
+def extract(
+    sft: SftArg,
+    grpo: GrpoArg,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory for the vector (new or empty).")],
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="fp32 (exact: apply == merge byte for byte) or bf16/fp16 (adds a rounding).")
+    ] = "fp32",
+    device: DeviceOpt = "auto",
+    chunk_size: ChunkOpt = "16MiB",
+    max_shard_size: ShardOpt = "5GB",
+    missing: MissingOpt = "error",
+    extra: ExtraOpt = "error",
+    shape_mismatch: ShapeOpt = "error",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous streammerge output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted extraction.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the reasoning vector V = GRPO - SFT as a safetensors checkpoint, to apply to many targets.
+
+    Examples:
+
+      streammerge extract ./sft ./grpo -o ./reasoning-vector
+
+      streammerge apply Qwen2.5-7B-Instruct ./reasoning-vector -o ./merged --alpha 1
+    """
+
+    def body():
+        from .api import extract as extract_fn
+
+        if dtype.lower() not in ("fp32", "f32", "float32"):
+            _stderr(f"note: a {dtype} vector adds a rounding; apply will not be byte-identical to a three-way merge")
+        opts = _options(
+            device=device,
+            chunk_bytes=chunk_size,
+            max_shard_size=max_shard_size,
+            missing=missing,
+            extra=extra,
+            shape_mismatch=shape_mismatch,
+            overwrite=overwrite,
+        )
+        r = extract_fn(sft, grpo, out, dtype=dtype, options=opts, resume=resume)
+        _print_report(r, opts, as_json)
+
+    _run(body)
+
+
+@app.command(name="apply")
+def apply_cmd(
+    target: TargetArg,
+    vector: Annotated[str, typer.Argument(help="A vector written by `streammerge extract`.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory (new or empty).")],
+    alpha: AlphaOpt = 1.0,
+    device: DeviceOpt = "auto",
+    chunk_size: ChunkOpt = "16MiB",
+    max_shard_size: ShardOpt = "5GB",
+    out_dtype: OutDtypeOpt = None,
+    missing: MissingOpt = "error",
+    extra: ExtraOpt = "error",
+    shape_mismatch: ShapeOpt = "error",
+    vocab_mismatch: VocabOpt = "error",
+    rule: RuleOpt = None,
+    rules: RulesFileOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous streammerge output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted apply.")] = False,
+    push_to: Annotated[
+        str | None, typer.Option("--push-to", help="Upload the verified output to this Hub repo.")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to: a private repo.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """OUT = TARGET + alpha * VECTOR, with a vector from `streammerge extract` (fp32 vectors: the same bytes as merge).
+
+    Examples:
+
+      streammerge apply Qwen2.5-7B-Instruct ./reasoning-vector -o ./with-reasoning
+
+      streammerge apply ./model ./reasoning-vector -o ./without-reasoning --alpha -1
+    """
+
+    def body():
+        from .api import apply as apply_fn
+
+        opts = _options(
+            alpha=alpha,
+            device=device,
+            chunk_bytes=chunk_size,
+            max_shard_size=max_shard_size,
+            out_dtype=out_dtype,
+            missing=missing,
+            extra=extra,
+            shape_mismatch=shape_mismatch,
+            vocab_mismatch=vocab_mismatch,
+            rule=rule,
+            rules_file=rules,
+            overwrite=overwrite,
+        )
+        r = apply_fn(target, vector, out, options=opts, resume=resume, push_to=push_to, private=private)
+        _print_report(r, opts, as_json)
+
+    _run(body)
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -100,6 +101,97 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise OptionsError(f"{name}: {value!r} is not one of {', '.join(choices)}")
 
 
+RULE_ACTIONS = ("alpha", "copy-target", "skip")
+VOCAB_POLICIES = ("error", "common-rows", "copy-target")
+# Tensors the vocab-mismatch policy may apply to: embeddings and output heads (rows = vocabulary entries).
+VOCAB_TENSOR_RE = r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A per-tensor rule: tensors whose name matches ``pattern`` (``re.search``) get ``alpha``, are copied from the
+    target, or are left out of the output. The first matching rule wins."""
+
+    pattern: str
+    action: str = "alpha"
+    alpha: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        """``REGEX=ALPHA``, ``REGEX=copy-target`` or ``REGEX=skip`` (the last ``=`` separates)."""
+        if "=" not in text:
+            raise OptionsError(f"--rule {text!r}: expected REGEX=ALPHA, REGEX=copy-target or REGEX=skip")
+        pattern, value = text.rsplit("=", 1)
+        value = value.strip()
+        if value in ("copy-target", "skip"):
+            return cls(pattern, value).checked()
+        try:
+            return cls(pattern, "alpha", float(value)).checked()
+        except ValueError:
+            raise OptionsError(f"--rule {text!r}: {value!r} is not a number, copy-target or skip") from None
+
+    def checked(self) -> Rule:
+        import re
+
+        if not self.pattern:
+            raise OptionsError("rule: empty pattern")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise OptionsError(f"rule {self.pattern!r}: invalid regular expression ({e})") from None
+        if self.action not in RULE_ACTIONS:
+            raise OptionsError(f"rule {self.pattern!r}: action {self.action!r} is not one of {', '.join(RULE_ACTIONS)}")
+        if self.action == "alpha":
+            if self.alpha is None or not math.isfinite(self.alpha) or abs(self.alpha) > 3.4028234663852886e38:
+                raise OptionsError(f"rule {self.pattern!r}: alpha must be a finite float32, got {self.alpha!r}")
+        return self
+
+    def describe(self) -> str:
+        return f"{self.pattern}={self.alpha!r}" if self.action == "alpha" else f"{self.pattern}={self.action}"
+
+
+def load_rules(path: str | os.PathLike) -> tuple[Rule, ...]:
+    """Rules from a TOML file: ``[[rule]]`` tables with ``pattern`` and either ``alpha`` or ``action``.
+
+    Example:
+        ```toml
+        [[rule]]
+        pattern = "embed_tokens|lm_head"
+        action = "copy-target"
+
+        [[rule]]
+        pattern = "self_attn"
+        alpha = 0.5
+        ```
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise OptionsError(f"{path}: cannot read the rules file ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise OptionsError(f"{path}: invalid TOML ({e})") from None
+    rules = []
+    for i, r in enumerate(data.get("rule", [])):
+        if not isinstance(r, dict) or not isinstance(r.get("pattern"), str):
+            raise OptionsError(f"{path}: rule {i + 1} needs a string 'pattern'")
+        if "alpha" in r:
+            try:
+                rules.append(Rule(r["pattern"], "alpha", float(r["alpha"])).checked())
+            except (TypeError, ValueError):
+                raise OptionsError(f"{path}: rule {i + 1}: alpha {r['alpha']!r} is not a number") from None
+        else:
+            rules.append(Rule(r["pattern"], str(r.get("action", ""))).checked())
+    if not rules:
+        raise OptionsError(f"{path}: no [[rule]] tables found")
+    return tuple(rules)
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """Every knob of a merge. Build with :meth:`create` to validate and normalise user input.
@@ -119,6 +211,9 @@ class MergeOptions:
         copy_aux_files (`bool`): copy config, generation config, tokenizer and chat-template files from the target.
         check_finite (`bool`): count elements that became NaN/inf although all three inputs were finite.
         strict (`bool`): with ``check_finite``, fail the merge on the first such tensor.
+        rules (`tuple[Rule, ...]`): per-tensor alpha / copy-target / skip by regular expression, first match wins.
+        vocab_mismatch (`str`): embedding/lm_head row counts differ between target and sft/grpo: "error",
+            "common-rows" (blend the shared rows, keep the target's others) or "copy-target".
     """
 
     alpha: float = 1.0
@@ -135,6 +230,8 @@ class MergeOptions:
     copy_aux_files: bool = True
     check_finite: bool = False
     strict: bool = False
+    rules: tuple[Rule, ...] = ()
+    vocab_mismatch: str = "error"
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -146,6 +243,8 @@ class MergeOptions:
             kwargs["max_shard_size"] = parse_size(kwargs["max_shard_size"], "max shard size")
         if "out_dtype" in kwargs:
             kwargs["out_dtype"] = parse_out_dtype(kwargs["out_dtype"])
+        if "rules" in kwargs and kwargs["rules"] is not None:
+            kwargs["rules"] = tuple(r if isinstance(r, Rule) else Rule.parse(r) for r in kwargs["rules"])
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "out_dtype"}
         opts = cls(**kwargs)
         opts.validate()
@@ -171,6 +270,9 @@ class MergeOptions:
         _check_choice("--extra", self.extra, EXTRA_POLICIES)
         _check_choice("--shape-mismatch", self.shape_mismatch, SHAPE_POLICIES)
         _check_choice("--unsupported-dtype", self.unsupported_dtype, UNSUPPORTED_POLICIES)
+        _check_choice("--vocab-mismatch", self.vocab_mismatch, VOCAB_POLICIES)
+        for r in self.rules:
+            r.checked()
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads: must be at least 1, got {self.threads}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import __version__
 from .checkpoint import SINGLE_FILE, Checkpoint, TensorRef
 from .errors import TensorMismatchError, format_name_list
 from .format import BLENDABLE_DTYPES, DTYPE_BITS, build_header
-from .options import MergeOptions
+from .options import VOCAB_TENSOR_RE, MergeOptions
 
 
 class Op(str, enum.Enum):
@@ -40,10 +41,29 @@ class OutTensor:
     reason: str = ""
     file: int = -1
     offset: int = 0  # absolute offset in the output file
+    alpha: float = 1.0  # this tensor's alpha (the options' alpha, or a rule's)
+    # MERGE only: elements [0, merge_elems) are blended, the rest come from the target (vocab common-rows); None: all
+    merge_elems: int | None = None
+    base: bool = True  # False when extracting a vector: there is no target term (out = round(grpo - sft))
 
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_BITS[self.dtype] // 8
+
+    @property
+    def blended(self) -> int:
+        """Elements blended (MERGE); the rest, if any, come from the target."""
+        return self.numel if self.merge_elems is None else self.merge_elems
+
+    def input_bytes(self) -> int:
+        """Input bytes this tensor reads: the target's, plus the blended elements of sft and grpo."""
+        if self.op is not Op.MERGE:
+            return self.target.nbytes
+        total = self.target.nbytes if self.base else 0
+        for ref in (self.sft, self.grpo):
+            if ref is not None:
+                total += self.blended * DTYPE_BITS[ref.dtype] // 8
+        return total
 
     @property
     def numel(self) -> int:
@@ -75,18 +95,26 @@ class MergePlan:
         expected_peak_memory (`int`): the engine's buffers (host), from the chunk size.
     """
 
+    kind: str
     options: MergeOptions
     sources: dict[str, str]
     files: list[OutFile]
     tensors: list[OutTensor]
     copied_reasons: dict[str, int]
     ignored_extra: list[str]
+    rule_hits: dict[str, int]
+    skipped: list[str]
     aux_files: list[Path]
     bytes_read: int
     bytes_written: int
     disk_needed: int
     chunks: int
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def formula(self) -> str:
+        f = FORMULAS[self.kind].replace("target", self.sources.get("target", "target"))
+        return f.replace("alpha", repr(float(self.options.alpha)))
 
     @property
     def merged(self) -> int:
@@ -126,6 +154,8 @@ class MergePlan:
             "copied": self.copied,
             "copied_reasons": dict(self.copied_reasons),
             "ignored_extra": len(self.ignored_extra),
+            "rule_hits": dict(self.rule_hits),
+            "skipped": len(self.skipped),
             "output_files": [{"name": f.name, "bytes": f.size, "tensors": len(f.tensors)} for f in self.files],
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
@@ -141,10 +171,25 @@ def _shape_str(ref: TensorRef | None) -> str:
     return "absent" if ref is None else f"{ref.dtype}{list(ref.shape)}"
 
 
+FORMULAS = {
+    "merge": "target + alpha * (grpo - sft)",
+    "vector": "grpo - sft",
+    "apply": "target + alpha * vector",
+}
+
+
 def build_plan(
-    target: Checkpoint, sft: Checkpoint, grpo: Checkpoint, options: MergeOptions, sources: dict[str, str] | None = None
+    target: Checkpoint,
+    sft: Checkpoint,
+    grpo: Checkpoint,
+    options: MergeOptions,
+    sources: dict[str, str] | None = None,
+    kind: str = "merge",
 ) -> MergePlan:
-    """Pair tensors and lay out the output. Raises `TensorMismatchError` listing every offending name."""
+    """Pair tensors and lay out the output. Raises `TensorMismatchError` listing every offending name.
+
+    ``kind`` "merge" is the three-way merge; "vector" writes ``grpo - sft`` (pass grpo as ``target`` too: its
+    non-floating tensors are copied); "apply" adds a stored vector (pass the vector as ``sft`` and ``grpo``)."""
     sources = sources or {"target": target.source, "sft": sft.source, "grpo": grpo.source}
     missing: list[str] = []
     shape_bad: list[str] = []
@@ -161,8 +206,24 @@ def build_plan(
 
     # Target order by (file, offset): reading the target is sequential, and sft/grpo saved by the same library
     # follow the same order.
+    rules = options.rules
+    skipped: list[str] = []
+    rule_hits = {r.describe(): 0 for r in rules}
+    vocab_re = re.compile(VOCAB_TENSOR_RE)
+    vocab_bad: list[str] = []
     for ref in sorted(target.tensors.values(), key=lambda r: (r.file, r.offset)):
         s, g = sft.tensors.get(ref.name), grpo.tensors.get(ref.name)
+        alpha = options.alpha
+        rule = next((r for r in rules if re.search(r.pattern, ref.name)), None)
+        if rule is not None:
+            rule_hits[rule.describe()] += 1
+            if rule.action == "skip":
+                skipped.append(ref.name)
+                continue
+            if rule.action == "copy-target":
+                copy(ref, f"rule {rule.describe()}")
+                continue
+            alpha = rule.alpha  # type: ignore[assignment]
         is_float = ref.dtype.startswith(("F", "BF", "C"))
         if not is_float:
             copy(ref, f"non-floating ({ref.dtype})")
@@ -174,7 +235,26 @@ def build_plan(
             else:
                 missing.append(f"{ref.name} (absent from {where})")
             continue
-        if not (ref.shape == s.shape == g.shape):
+        merge_elems = None
+        if (
+            ref.shape != s.shape
+            and s.shape == g.shape
+            and len(ref.shape) >= 1
+            and ref.shape[1:] == s.shape[1:]
+            and vocab_re.search(ref.name)
+        ):
+            # Resized vocabulary: the row counts differ, everything else agrees.
+            if options.vocab_mismatch == "copy-target":
+                copy(ref, "vocab mismatch")
+                continue
+            if options.vocab_mismatch == "error":
+                vocab_bad.append(f"{ref.name}: target {_shape_str(ref)}, sft/grpo {_shape_str(s)}")
+                continue
+            row = 1
+            for d in ref.shape[1:]:
+                row *= d
+            merge_elems = min(ref.shape[0], s.shape[0]) * row
+        elif not (ref.shape == s.shape == g.shape):
             if options.shape_mismatch == "copy-target":
                 copy(ref, "shape mismatch")
             else:
@@ -189,7 +269,20 @@ def build_plan(
             else:
                 unsupported.append(f"{ref.name} ({', '.join(bad)})")
             continue
-        out.append(OutTensor(ref.name, options.out_dtype or ref.dtype, ref.shape, Op.MERGE, ref, s, g))
+        out.append(
+            OutTensor(
+                ref.name,
+                options.out_dtype or ref.dtype,
+                ref.shape,
+                Op.MERGE,
+                ref,
+                None if kind == "apply" else s,
+                g,
+                alpha=1.0 if kind == "vector" else alpha,
+                merge_elems=merge_elems,
+                base=kind != "vector",
+            )
+        )
 
     extra = sorted((set(sft.tensors) | set(grpo.tensors)) - set(target.tensors))
     problems = []
@@ -209,6 +302,18 @@ def build_plan(
             "The checkpoints are probably not of one architecture; pass --shape-mismatch copy-target to keep the "
             "target's values for them"
         )
+    if vocab_bad:
+        problems.append(
+            f"{len(vocab_bad)} vocabulary size mismatch(es) (resized tokenizer?): {format_name_list(vocab_bad)}. "
+            "Pass --vocab-mismatch common-rows to blend the shared rows and keep the target's others, or "
+            "--vocab-mismatch copy-target"
+        )
+    unmatched = [k for k, v in rule_hits.items() if v == 0]
+    if unmatched:
+        problems.append(
+            f"rule(s) matching no target tensor: {format_name_list(unmatched)} (patterns are Python regular "
+            "expressions searched anywhere in the name)"
+        )
     if unsupported:
         problems.append(
             f"{len(unsupported)} tensor(s) in a floating dtype that cannot be blended exactly (only BF16, F16, F32): "
@@ -220,12 +325,12 @@ def build_plan(
             + "\n  - ".join(problems)
         )
 
-    files = _layout(out, options, sources)
+    files = _layout(out, options, sources, kind)
     bytes_read = 0
     chunks = 0
     for t in out:
         if t.op is Op.MERGE:
-            bytes_read += t.target.nbytes + t.sft.nbytes + t.grpo.nbytes  # type: ignore[union-attr]
+            bytes_read += t.input_bytes()
             chunks += max(1, -(-t.numel // options.chunk_elems))
         else:
             bytes_read += t.target.nbytes
@@ -234,12 +339,15 @@ def build_plan(
     bytes_written = sum(f.size for f in files)
     aux = target.aux_files() if options.copy_aux_files else []
     plan = MergePlan(
+        kind=kind,
         options=options,
         sources=sources,
         files=files,
         tensors=[t for f in files for t in f.tensors],
         copied_reasons=reasons,
         ignored_extra=extra,
+        rule_hits=rule_hits,
+        skipped=skipped,
         aux_files=aux,
         bytes_read=bytes_read,
         bytes_written=bytes_written,
@@ -257,7 +365,7 @@ def _printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _layout(out: list[OutTensor], options: MergeOptions, sources: dict[str, str]) -> list[OutFile]:
+def _layout(out: list[OutTensor], options: MergeOptions, sources: dict[str, str], kind: str) -> list[OutFile]:
     split = split_state_dict_into_shards_factory(
         {t.name: t for t in out},
         get_storage_size=lambda t: t.nbytes,
@@ -268,8 +376,9 @@ def _layout(out: list[OutTensor], options: MergeOptions, sources: dict[str, str]
     metadata = {
         "format": "pt",
         "streammerge_version": __version__,
-        "streammerge_formula": "target + alpha * (grpo - sft)",
-        "streammerge_alpha": repr(float(options.alpha)),
+        "streammerge_formula": FORMULAS[kind],
+        **({} if kind == "vector" else {"streammerge_alpha": repr(float(options.alpha))}),
+        **({"streammerge_rules": "; ".join(r.describe() for r in options.rules)} if options.rules else {}),
         "streammerge_target": _printable(sources["target"]),
         "streammerge_sft": _printable(sources["sft"]),
         "streammerge_grpo": _printable(sources["grpo"]),

@@ -301,9 +301,11 @@ class OutputWriter:
             finally:
                 os.close(fd)
             os.replace(tmp, self.out_dir / name)
-        except OSError as e:
+        except BaseException as e:  # an interrupt included: never leave the temporary behind
             tmp.unlink(missing_ok=True)
-            raise self._write_error(name, e) from None
+            if isinstance(e, OSError):
+                raise self._write_error(name, e) from None
+            raise
 
     def finalize(self, small_files: dict[str, bytes]) -> list[str]:
         """Write the small files (aux, card), then the index (the last visible file), then mark the hidden manifest

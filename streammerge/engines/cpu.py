@@ -60,6 +60,17 @@ class WorkItem:
     start: int  # element (MERGE/CONVERT) or byte (COPY) range
     stop: int
     last_of_file: bool = False
+    op: Op | None = None  # this chunk's operation (a MERGE tensor's target-only tail is COPY/CONVERT)
+    last_of_tensor: bool = False
+
+    def __post_init__(self) -> None:
+        if self.op is None and self.tensor is not None:
+            self.op = self.tensor.op
+
+
+def _ranges(total: int, step: int) -> Iterator[tuple[int, int]]:
+    for a in range(0, total, step):
+        yield a, min(total, a + step)
 
 
 def iter_work(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[WorkItem]:
@@ -70,11 +81,25 @@ def iter_work(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) ->
             continue
         items: list[WorkItem] = []
         for t in f.tensors:
-            total, step = (t.nbytes, plan.options.chunk_bytes) if t.op is Op.COPY else (t.numel, elems)
-            if total == 0:
-                items.append(WorkItem(t, 0, 0))
-            for a in range(0, total, step):
-                items.append(WorkItem(t, a, min(total, a + step)))
+            mine: list[WorkItem] = []
+            if t.op is Op.COPY:
+                mine += [WorkItem(t, a, b) for a, b in _ranges(t.nbytes, plan.options.chunk_bytes)]
+            elif t.op is Op.CONVERT:
+                mine += [WorkItem(t, a, b) for a, b in _ranges(t.numel, elems)]
+            else:
+                mine += [WorkItem(t, a, b) for a, b in _ranges(t.blended, elems)]
+                if t.blended < t.numel:  # vocab common-rows: the target's own rows
+                    if t.dtype == t.target.dtype:
+                        isz = _elem_size(t.dtype)
+                        for a, b in _ranges((t.numel - t.blended) * isz, plan.options.chunk_bytes):
+                            mine.append(WorkItem(t, t.blended * isz + a, t.blended * isz + b, op=Op.COPY))
+                    else:
+                        for a, b in _ranges(t.numel - t.blended, elems):
+                            mine.append(WorkItem(t, t.blended + a, t.blended + b, op=Op.CONVERT))
+            if not mine:
+                mine.append(WorkItem(t, 0, 0))
+            mine[-1].last_of_tensor = True
+            items += mine
         if items:
             items[-1].last_of_file = True
         else:
@@ -141,7 +166,7 @@ class CpuEngine:
         prefetch_q: queue.Queue = queue.Queue(maxsize=PREFETCH_AHEAD)
         failure = _Failure()
         stop = threading.Event()
-        t_target, t_sft, t_grpo = ckpts["target"], ckpts["sft"], ckpts["grpo"]
+        t_target, t_sft, t_grpo = ckpts.get("target"), ckpts.get("sft"), ckpts.get("grpo")
         skip = writer.done_files
         total_bytes = work_bytes(plan, skip)
         total_tensors = sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
@@ -153,10 +178,13 @@ class CpuEngine:
             t = item.tensor
             if t is None:
                 return []
-            if t.op is Op.COPY:
+            if item.op is Op.COPY:
                 return [(t_target, t.target, item.start, item.stop)]
+            pairs = [(t_target, t.target)] if item.op is Op.CONVERT or t.base else []
+            if item.op is Op.MERGE:
+                pairs += [(t_sft, t.sft), (t_grpo, t.grpo)]
             out = []
-            for ck, ref in ((t_target, t.target), (t_sft, t.sft), (t_grpo, t.grpo)):
+            for ck, ref in pairs:
                 if ref is None:
                     continue
                 isz = ref.nbytes // max(1, ref.numel) if ref.numel else 0
@@ -217,9 +245,8 @@ class CpuEngine:
                         writer.finish_file(fi)
                         header = len(plan.files[fi].header)
                     timers["write"] += time.perf_counter() - t0
-                    last_chunk = t is not None and item.stop >= (t.nbytes if t.op is Op.COPY else t.numel)
                     out_b = _out_bytes(t, item) if t is not None else 0
-                    report(nbytes_in + out_b + header, t if last_chunk else None, out_b + header)
+                    report(nbytes_in + out_b + header, t if item.last_of_tensor else None, out_b + header)
                 except BaseException as e:  # noqa: BLE001
                     failure.set(e)
                 finally:
@@ -241,7 +268,7 @@ class CpuEngine:
                     break
                 t = item.tensor
                 stats.chunks += 1
-                if t is None or t.op is Op.COPY:
+                if t is None or item.op is Op.COPY:
                     view = t_target.view(t.target, item.start, item.stop) if t is not None else None
                     n_in = item.stop - item.start
                     self._put(write_q, ("view", view, item, n_in), failure)
@@ -293,13 +320,12 @@ class CpuEngine:
         a, b = item.start, item.stop
         n = b - a
         out = slot[: n * _elem_size(t.dtype)].view(OUT_DTYPES[t.dtype])
-        if t.op is Op.CONVERT:
-            srcs = (_typed_view(ckpts["target"], t.target, a, b),)
-        else:
-            srcs = tuple(
-                _typed_view(ckpts[k], ref, a, b) for k, ref in (("target", t.target), ("sft", t.sft), ("grpo", t.grpo))
-            )
-        a32 = torch.tensor(opts.alpha, dtype=torch.float32)
+        convert = item.op is Op.CONVERT
+        refs = [("target", t.target)] if convert or t.base else []
+        if not convert:
+            refs += [("sft", t.sft), ("grpo", t.grpo)]
+        srcs = {k: _typed_view(ckpts[k], ref, a, b) if ref is not None else None for k, ref in refs}
+        a32 = torch.tensor(t.alpha, dtype=torch.float32)
         sub = scratch[0][0].numel()
         blocks = [(s0, min(n, s0 + sub)) for s0 in range(0, n, sub)]
 
@@ -307,31 +333,36 @@ class CpuEngine:
             d_buf, r_buf = scratch[k % len(scratch)]
             for s0, s1 in blocks[k :: len(scratch)]:
                 o = out[s0:s1]
-                if t.op is Op.CONVERT:
+                v = {key: (x[s0:s1] if x is not None else None) for key, x in srcs.items()}
+                if convert:
                     r = r_buf[: s1 - s0]
-                    r.copy_(srcs[0][s0:s1])
+                    r.copy_(v["target"])
                     round_from_f32(r, t.dtype, out=o)
                     continue
-                tv, sv, gv = (x[s0:s1] for x in srcs)
-                _merge_block(tv, sv, gv, a32, d_buf[: s1 - s0], r_buf[: s1 - s0], t.dtype, o)
+                _merge_block(v.get("target"), v["sft"], v["grpo"], a32, d_buf[: s1 - s0], r_buf[: s1 - s0], t.dtype, o)
                 if opts.check_finite:
-                    _count_nonfinite(t, o, (tv, sv, gv), opts.strict, stats)
+                    _count_nonfinite(t, o, [x for x in v.values() if x is not None], opts.strict, stats)
 
         if pool is None or len(blocks) <= 1:
             work(0)  # one worker takes every block; or the only block is worker 0's
         else:
             for f in [pool.submit(work, k) for k in range(min(len(blocks), len(scratch)))]:
                 f.result()
-        refs = (t.target,) if t.op is Op.CONVERT else (t.target, t.sft, t.grpo)
-        return sum(r.nbytes for r in refs) * n // max(1, t.numel)  # type: ignore[union-attr]
+        return sum(_elem_size(ref.dtype) * n for _, ref in refs if ref is not None)
 
 
 def _merge_block(tv, sv, gv, a32, d, r, out_dtype: str, out: torch.Tensor) -> None:
-    """DESIGN.md section 2 on one cache-sized block: widen, g - s, * a32, t + m (separate roundings), round."""
+    """DESIGN.md section 2 on one cache-sized block: widen, g - s, * a32, t + m (separate roundings), round.
+
+    ``sv`` None (apply a stored vector): d = g. ``tv`` None (extract a vector): the result is m itself."""
     d.copy_(gv)
-    r.copy_(sv)
-    d.sub_(r)  # g32 - s32
+    if sv is not None:
+        r.copy_(sv)
+        d.sub_(r)  # g32 - s32
     d.mul_(a32)  # a32 * d, rounded on its own (never fused with the add)
+    if tv is None:
+        round_from_f32(d, out_dtype, out=out)
+        return
     r.copy_(tv)
     r.add_(d)  # t32 + m
     round_from_f32(r, out_dtype, out=out)
@@ -345,7 +376,7 @@ def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -
             continue
         total += f.size
         for t in f.tensors:
-            total += t.target.nbytes + (t.sft.nbytes + t.grpo.nbytes if t.op is Op.MERGE else 0)  # type: ignore
+            total += t.input_bytes()
     return total
 
 
@@ -376,13 +407,13 @@ def _typed_view(ck: Checkpoint, ref: TensorRef, a: int, b: int) -> torch.Tensor:
 
 
 def _out_bytes(t: OutTensor, item: WorkItem) -> int:
-    if t.op is Op.COPY:
+    if item.op is Op.COPY:
         return item.stop - item.start
     return (item.stop - item.start) * _elem_size(t.dtype)
 
 
 def _out_offset(t: OutTensor, item: WorkItem) -> int:
-    return item.start if t.op is Op.COPY else item.start * _elem_size(t.dtype)
+    return item.start if item.op is Op.COPY else item.start * _elem_size(t.dtype)
 
 
 def _file_of(plan: MergePlan, item: WorkItem) -> int:

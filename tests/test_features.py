@@ -1,0 +1,148 @@
+"""Per-tensor rules, vocabulary mismatch, extract/apply of reusable vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TORCH, from_bits, load_all, make_related, raw_bits, write_checkpoint
+from reference import expected_bits, hostile_values, round_bf16_bits, widen
+from typer.testing import CliRunner
+
+import streammerge
+from streammerge.cli import app
+from streammerge.errors import OptionsError, TensorMismatchError
+
+runner = CliRunner()
+SHAPES = {
+    "model.embed_tokens.weight": (50, 8),
+    "model.layers.0.self_attn.q_proj.weight": (8, 8),
+    "model.layers.0.mlp.up_proj.weight": (16, 8),
+    "model.norm.weight": (8,),
+    "lm_head.weight": (50, 8),
+}
+
+
+def _trio(tmp_path, shapes=SHAPES, dtype="BF16", seed=0, mutate=None):
+    t, s, g = make_related(shapes, dtype=dtype, seed=seed)
+    if mutate:
+        mutate(t, s, g)
+    return [write_checkpoint(tmp_path / n, sd, shards=k) for n, sd, k in zip("tsg", (t, s, g), (1, 2, 3))], (t, s, g)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(raw_bits(a), raw_bits(b))
+
+
+def test_rules_first_match_wins(tmp_path):
+    dirs, (t, s, g) = _trio(tmp_path)
+    rules = ["embed_tokens|lm_head=copy-target", "self_attn=0.5", "norm=skip", "layers=-1"]
+    p = streammerge.plan(*dirs, rules=rules)
+    assert p.rule_hits == {"embed_tokens|lm_head=copy-target": 2, "self_attn=0.5": 1, "norm=skip": 1, "layers=-1.0": 1}
+    r = streammerge.merge(*dirs, tmp_path / "out", device="cpu", rules=rules)
+    out = load_all(tmp_path / "out")
+    assert "model.norm.weight" not in out and r.tensors_merged == 2
+    assert _bits_equal(out["lm_head.weight"], t["lm_head.weight"])
+    for name, alpha in (("model.layers.0.self_attn.q_proj.weight", 0.5), ("model.layers.0.mlp.up_proj.weight", -1.0)):
+        want = expected_bits(raw_bits(t[name]), raw_bits(s[name]), raw_bits(g[name]), alpha, ("BF16",) * 3, "BF16")
+        assert np.array_equal(raw_bits(out[name]), want), name
+
+
+def test_rule_matching_nothing_is_an_error(tmp_path):
+    dirs, _ = _trio(tmp_path)
+    with pytest.raises(TensorMismatchError, match="matching no target tensor: vision_tower"):
+        streammerge.plan(*dirs, rules=["vision_tower=0"])
+    for bad in ["(unclosed=1", "x=fast", "noequals"]:
+        with pytest.raises(OptionsError):
+            streammerge.plan(*dirs, rules=[bad])
+
+
+def test_rules_file_and_cli(tmp_path):
+    dirs, _ = _trio(tmp_path)
+    f = tmp_path / "rules.toml"
+    f.write_text('[[rule]]\npattern = "lm_head"\naction = "copy-target"\n\n[[rule]]\npattern = "mlp"\nalpha = 2.0\n')
+    r = runner.invoke(app, ["plan", *map(str, dirs), "--rules", str(f), "--rule", "norm=skip"])
+    assert r.exit_code == 0, r.output
+    assert "rule    norm=skip: 1 tensor(s)" in r.output and "rule    mlp=2.0: 1 tensor(s)" in r.output
+    r = runner.invoke(app, ["merge", *map(str, dirs), "-o", str(tmp_path / "o"), "--rule", "nothing=1"])
+    assert r.exit_code == 1 and "matching no target tensor" in r.output
+
+
+def _resize(t, s, g):
+    # the target's tokenizer grew by 6 tokens: its embedding and head have 56 rows, sft/grpo 50
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        t[k] = torch.cat([t[k], torch.full((6, 8), 0.5, dtype=t[k].dtype)])
+
+
+def test_vocab_mismatch_policies(tmp_path):
+    dirs, (t, s, g) = _trio(tmp_path, mutate=_resize)
+    with pytest.raises(TensorMismatchError, match=r"--vocab-mismatch common-rows") as ei:
+        streammerge.plan(*dirs)
+    assert "model.embed_tokens.weight: target BF16[56, 8], sft/grpo BF16[50, 8]" in str(ei.value)
+    r = streammerge.merge(*dirs, tmp_path / "common", device="cpu", vocab_mismatch="common-rows", chunk_bytes=4096)
+    out = load_all(tmp_path / "common")
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[k].shape == (56, 8)
+        want = expected_bits(raw_bits(t[k][:50]), raw_bits(s[k]), raw_bits(g[k]), 1.0, ("BF16",) * 3, "BF16")
+        assert np.array_equal(raw_bits(out[k][:50]), want)
+        assert _bits_equal(out[k][50:], t[k][50:])
+    assert r.tensors_merged == 5
+    streammerge.merge(*dirs, tmp_path / "copy", device="cpu", vocab_mismatch="copy-target")
+    assert _bits_equal(load_all(tmp_path / "copy")["lm_head.weight"], t["lm_head.weight"])
+    # the target's own rows are converted when the output dtype differs
+    streammerge.merge(*dirs, tmp_path / "f32", device="cpu", vocab_mismatch="common-rows", out_dtype="fp32")
+    assert torch.equal(load_all(tmp_path / "f32")["lm_head.weight"][50:], t["lm_head.weight"][50:].float())
+
+
+def test_vocab_mismatch_target_smaller_and_tied(tmp_path):
+    shapes = {k: v for k, v in SHAPES.items() if k != "lm_head.weight"}  # tied embeddings: no lm_head
+
+    def shrink(t, s, g):
+        t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"][:40].clone()
+
+    dirs, (t, s, g) = _trio(tmp_path, shapes=shapes, mutate=shrink)
+    streammerge.merge(*dirs, tmp_path / "out", device="cpu", vocab_mismatch="common-rows")
+    out = load_all(tmp_path / "out")
+    k = "model.embed_tokens.weight"
+    want = expected_bits(raw_bits(t[k]), raw_bits(s[k][:40]), raw_bits(g[k][:40]), 1.0, ("BF16",) * 3, "BF16")
+    assert out[k].shape == (40, 8) and np.array_equal(raw_bits(out[k]), want) and "lm_head.weight" not in out
+
+
+@pytest.mark.parametrize("alpha", [1.0, -1.0, 0.37])
+def test_apply_of_extract_equals_merge_byte_for_byte(tmp_path, alpha):
+    rng = np.random.default_rng(3)
+    shapes = {"a": (33, 17), "b": (1000,), "c": ()}
+    dts = {"t": "BF16", "s": "F16", "g": "BF16"}
+    dirs = []
+    for n, dt in dts.items():
+        tensors = {k: from_bits(hostile_values(dt, int(np.prod(sh)), rng), dt, sh) for k, sh in shapes.items()}
+        tensors["ids"] = torch.arange(3)
+        dirs.append(write_checkpoint(tmp_path / n, tensors, shards=1 + len(dirs)))
+    vec = tmp_path / "vec"
+    r = streammerge.extract(dirs[1], dirs[2], vec, chunk_bytes=4096)
+    v = load_all(vec)
+    assert all(v[k].dtype == torch.float32 for k in shapes) and r.copied_reasons == {"non-floating (I64)": 1}
+    merged = streammerge.merge(*dirs, tmp_path / "m", alpha=alpha, device="cpu")
+    applied = streammerge.apply(dirs[0], vec, tmp_path / "a", alpha=alpha, device="cpu", chunk_bytes=4096)
+    M, A = load_all(tmp_path / "m"), load_all(tmp_path / "a")
+    assert M.keys() == A.keys() and all(_bits_equal(M[k], A[k]) for k in M)
+    assert merged.tensors_merged == applied.tensors_merged == len(shapes)
+
+
+def test_extract_bf16_and_cli(tmp_path):
+    dirs, (t, s, g) = _trio(tmp_path)
+    r = runner.invoke(app, ["extract", str(dirs[1]), str(dirs[2]), "-o", str(tmp_path / "v"), "--dtype", "bf16"])
+    assert r.exit_code == 0, r.output
+    v = load_all(tmp_path / "v")
+    k = "model.norm.weight"
+    d = widen(raw_bits(g[k]), "BF16") - widen(raw_bits(s[k]), "BF16")  # float32, one rounding to bf16 below
+    assert v[k].dtype == TORCH["BF16"] and np.array_equal(raw_bits(v[k]), round_bf16_bits(d))
+    r = runner.invoke(app, ["apply", str(dirs[0]), str(tmp_path / "v"), "-o", str(tmp_path / "o"), "--alpha", "-1"])
+    assert r.exit_code == 0, r.output
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "v" / "model.safetensors"), "pt") as h:
+        assert h.metadata()["streammerge_formula"] == "grpo - sft"
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as h:
+        assert h.metadata()["streammerge_formula"] == "target + alpha * vector"
+        assert h.metadata()["streammerge_alpha"] == "-1.0"
