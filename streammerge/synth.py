@@ -39,7 +39,6 @@ import json
 import math
 import mmap
 import os
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from .format import build_header as format_build_header
 
 __all__ = [
     "DEFAULT_NOISE",
@@ -905,29 +906,14 @@ def build_header(
     """Build a safetensors header byte for byte as ``safetensors.torch.save_file`` would.
 
     Tensors are laid out contiguously in save_file's order: by dtype (F32, then BF16, then F16: the reverse of the
-    safetensors ``Dtype`` enum order), then by name. The JSON is compact, ``__metadata__`` first, padded with spaces so
-    that ``8 + N`` is a multiple of 8.
-
-    Args:
-        tensors (`list[tuple[str, str, tuple[int, ...]]]`): ``(name, dtype code, shape)``; dtype codes "BF16",
-            "F16", "F32".
-        metadata (`dict[str, str]`, *optional*): the ``__metadata__`` map.
+    safetensors ``Dtype`` enum order), then by name; the bytes come from :func:`streammerge.format.build_header`.
 
     Returns:
         `tuple[bytes, int]`: the header (length prefix included) and the size of the data region.
     """
     entries = sorted(((_dtype_code(d), name, tuple(shape)) for name, d, shape in tensors), key=_save_order)
-    table: dict[str, object] = {}
-    if metadata is not None:
-        table["__metadata__"] = metadata
-    offset = 0
-    for dtype, name, shape in entries:
-        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
-        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(table, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, offset
+    header, spans = format_build_header([(name, dtype, shape) for dtype, name, shape in entries], metadata)
+    return header, max((end for _, end in spans.values()), default=0)
 
 
 # Position of each dtype in the safetensors Dtype enum (F16 < BF16 < F32); save_file writes larger positions first.
