@@ -1,0 +1,108 @@
+"""The benchmark suite's smoke run (``python -m benchmarks.run --smoke``), so the harness cannot rot.
+
+Runs in a subprocess from the repository root (``benchmarks`` is a top-level package there, not part of the
+wheel), writing its results and work files under pytest's tmp_path, never into benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The smoke run itself takes ~30 s on the 2-core development machine; leave room for a loaded one.
+SMOKE_TIMEOUT_S = 300
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the harness reads /proc")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, Path]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "results"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--smoke",
+        "--peers",
+        "naive",  # mergekit, when installed, adds ~20 s of start-up: the full suite covers it
+        "--workdir",
+        str(tmp / "work"),
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, f"smoke run failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    return json.loads((out / "smoke.json").read_text()), out
+
+
+def test_result_files_written(smoke):
+    _, out = smoke
+    for name in ("smoke.json", "smoke.csv", "smoke-runs.csv", "smoke.md"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_machine_and_settings_recorded(smoke):
+    results, _ = smoke
+    m = results["machine"]
+    for key in ("cpu_model", "cores", "mem_total", "kernel", "python", "versions", "load_average_at_start"):
+        assert m[key], key
+    for pkg in ("streammerge", "torch", "safetensors"):
+        assert m["versions"][pkg], pkg
+    assert results["settings"]["smoke"] is True
+    assert results["settings"]["repeats"] == 1
+    assert results["mergekit"]["status"] in ("installed", "not installed")
+    assert "normalize: false" in results["mergekit"]["yaml_bf16"]
+
+
+def test_streammerge_correct_and_measured(smoke):
+    results, _ = smoke
+    (size,) = results["sizes"]
+    rows = {row["tool"]: row for row in size["summary"]}
+    sm = rows["streammerge-cpu"]
+    assert sm["status"] == "ok"
+    assert sm["correct"] is True
+    for key in ("wall_min_s", "wall_median_s", "gbps_median", "ratio_to_floor_median", "peak_rss_anon", "peak_rss"):
+        assert sm[key] > 0, key
+    assert size["correctness"]["streammerge-cpu"]["ok"] is True
+    assert size["correctness"]["streammerge-cpu"]["full"] is True
+    assert rows["floor"]["status"] == "ok"
+    run = next(r for r in size["runs"] if r["tool"] == "streammerge-cpu")
+    assert run["cache_residency_before"] >= 0.99  # warm
+    assert run["reported"]["shard_sha256"]
+
+
+def test_naive_peer_compared_in_ulps(smoke):
+    results, _ = smoke
+    (size,) = results["sizes"]
+    naive = size["correctness"]["naive"]
+    assert naive["identical"] is True  # float32 math in the contract's op order, one rounding
+    assert naive["differing_elements"] == 0 and naive["max_ulps"] == 0
+    assert naive["elements"] == size["correctness"]["streammerge-cpu"]["elements_total"]
+
+
+def test_sparse_section(smoke):
+    results, _ = smoke
+    sparse = results["sparse"]
+    assert sparse["plan_ok"] is True
+    assert sparse["plan"]["bytes_read"] > 0 and sparse["plan"]["disk_needed"] > 0
+    merges = {m["sink"]: m for m in sparse["merges"] if m["device"] == "cpu"}
+    assert set(merges) == {"null", "disk"}
+    for merge in merges.values():
+        assert merge["ok"] is True and merge["within_bound"] is True, merge
+    assert merges["disk"]["reference_ok"] is True
+
+
+def test_csv_has_summary_fields(smoke):
+    _, out = smoke
+    with open(out / "smoke.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"floor", "streammerge-cpu", "streammerge-cpu-null", "naive"} <= {r["tool"] for r in rows}
+    for field in ("wall_median_s", "gbps_median", "ratio_to_floor_median", "peak_rss_anon", "peak_rss", "correct"):
+        assert field in rows[0], field
