@@ -15,6 +15,7 @@ from ._faults import crash_point
 from .checkpoint import Checkpoint, open_checkpoint
 from .engines import EngineStats, Progress
 from .errors import EngineError, OptionsError, OutputError
+from .memory import available_memory
 from .options import MergeOptions
 from .plan import MergePlan, _printable, build_plan, check_disk_space
 from .writer import NullWriter, OutputWriter
@@ -246,7 +247,7 @@ def merge(
     t_start = time.perf_counter()
     explicit = {k: v for k, v in (("alpha", alpha), ("device", device)) if v is not None}
     opts = _options(options, {**explicit, **kwargs})
-    out_dir = Path(out)
+    out_dir = Path(out) if out is not None else Path("(null sink)")
     ckpts = _open_all(target, sft, grpo)
     try:
         p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
@@ -275,6 +276,11 @@ def _execute(
         _check_paths(out_dir, ckpts)
         check_disk_space(p, out_dir)
     engine, engine_note = select_engine(opts.device, opts.threads)
+    available = available_memory()
+    if available is not None and p.bytes_read > available // 2:
+        for ck in ckpts.values():
+            if ck is not None:
+                ck.drop_cache = True
     identity = merge_identity(p, ckpts)
     crash_point("planned")
     if sink == "disk":

@@ -315,8 +315,14 @@ class Checkpoint:
         m = self._map(ref.file)
         return torch.frombuffer(m, dtype=dtype, count=(stop - start) // _itemsize(dtype), offset=ref.offset + start)
 
+    # Set by the merge when the inputs cannot stay in the page cache anyway (larger than half the available
+    # memory): consumed pages are then also dropped from the cache, so a 420 GB merge does not evict everything
+    # else on the machine. Smaller inputs stay cached for the next run.
+    drop_cache: bool = False
+
     def release(self, ref: TensorRef, start: int, stop: int) -> None:
-        """Drop this process's mapping of fully consumed pages in [start, stop) (page cache stays warm)."""
+        """Drop this process's mapping of fully consumed pages in [start, stop), and their page-cache pages too
+        when ``drop_cache`` is set."""
         m = self._maps[ref.file]
         if m is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
@@ -326,6 +332,8 @@ class Checkpoint:
         if b > a:
             try:
                 m.madvise(mmap.MADV_DONTNEED, a, b - a)
+                if self.drop_cache and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self._fds[ref.file], a, b - a, os.POSIX_FADV_DONTNEED)  # type: ignore[arg-type]
             except (OSError, ValueError):
                 pass
 

@@ -190,7 +190,9 @@ def merge(
     target: TargetArg,
     sft: SftArg,
     grpo: GrpoArg,
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory (new or empty).")],
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Output directory (new or empty); required unless --sink null.")
+    ] = None,
     alpha: AlphaOpt = 1.0,
     device: DeviceOpt = "auto",
     chunk_size: ChunkOpt = "16MiB",
@@ -242,6 +244,9 @@ def merge(
 
     TARGET, SFT and GRPO are local paths or Hub repo ids (org/name[@revision]).
     """
+
+    if out is None and sink == "disk":
+        raise typer.BadParameter("give the output directory with -o/--out (or use --sink null)", param_hint="-o")
 
     def body():
         opts = _options(

@@ -54,7 +54,7 @@ import torch
 from .._faults import crash_point
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import EngineError, NonFiniteError, OptionsError, StreamMergeError
-from ..kernels.reference import OUT_DTYPES, merge_reference, round_from_f32
+from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor
 from . import EngineStats, Progress
@@ -77,6 +77,10 @@ DEFAULT_REGISTER_AHEAD_BYTES = 2**30
 # measured 5.9 / 18.3 / 33.8 GB/s with 1 / 4 / 16 threads on the H200 machine (16 cores); 8 leave cores to the
 # writer and to Python.
 DEFAULT_COPY_THREADS = 8
+# Threads calling cudaHostRegister / cudaHostUnregister: registration pins and faults every page (0.11 s per 4 GiB
+# on one thread on the H200, ~37 GB/s, below the ~55 GB/s H2D it feeds); a second thread lets registration keep ahead
+# of the copy engine if the kernel's page pinning scales (benchmarks.gpu_check measures 1 vs 4 threads).
+DEFAULT_REGISTER_THREADS = 2
 # Smallest piece of a staging copy given to one thread: below ~1 MiB the hand-off costs more than the copy.
 STAGING_PIECE_MIN = 2**20
 
@@ -434,8 +438,15 @@ class CudaBackend:
         torch.cuda.synchronize(self.device)
 
     def merge(self, stream, t, s, g, alpha: float, out_dtype: str, out: torch.Tensor) -> None:
+        """``round(t + alpha * (g - s))`` on ``stream``; ``t`` None: extract (``alpha * (g - s)``); ``s`` None:
+        apply a stored vector (``t + alpha * g``)."""
         with torch.cuda.stream(stream):
-            self.kernels.merge_triton(t, s, g, alpha, out_dtype, out=out)
+            if t is None:
+                self.kernels.extract_vector_triton(s, g, alpha, out_dtype, out=out)
+            elif s is None:
+                self.kernels.apply_vector_triton(t, g, alpha, out_dtype, out=out)
+            else:
+                self.kernels.merge_triton(t, s, g, alpha, out_dtype, out=out)
 
     def convert(self, stream, src, out_dtype: str, out: torch.Tensor) -> None:
         with torch.cuda.stream(stream):
@@ -476,6 +487,20 @@ class CudaBackend:
 
     def elapsed_ms(self, a, b) -> float:
         return a.elapsed_time(b)
+
+
+# Operations one simulated stream runs in a row before another is picked.
+_SIM_BURSTS = (1, 1, 2, 3, 8, 32)
+
+
+def _merge_torch(t, s, g, alpha: float, out_dtype: str, out: torch.Tensor) -> None:
+    """The contract in torch on CPU tensors, with the optional terms of extract (no ``t``) and apply (no ``s``)."""
+    d = g.to(torch.float32)
+    if s is not None:
+        d = d - s.to(torch.float32)
+    d = d * torch.tensor(alpha, dtype=torch.float32)
+    r = d if t is None else t.to(torch.float32) + d
+    round_from_f32(r.contiguous(), out_dtype, out=out)
 
 
 class SimulationError(AssertionError):
@@ -583,6 +608,14 @@ class SimBackend:
     def _enqueue(self, stream: _SimStream, op) -> None:
         with self._lock:
             stream.ops.append(op)
+            self._spontaneous()
+
+    def _spontaneous(self) -> None:
+        # Now and then the device gets on with queued work by itself, on one stream, before anyone waits for it.
+        if self.rng.random() < 0.25:
+            ready = [s for s in self._streams if self._runnable(s)]
+            if ready:
+                self._burst(self.rng.choice(ready), lambda: False)
 
     def _inside(self, ptr: int, n: int, ranges) -> bool:
         return any(p <= ptr and ptr + n <= p + m for p, m in ranges)
@@ -612,6 +645,7 @@ class SimBackend:
         with self._lock:
             event.recorded += 1
             stream.ops.append(("record", event, event.recorded))
+            self._spontaneous()
 
     def wait(self, stream, event: _SimEvent) -> None:
         with self._lock:
@@ -628,11 +662,15 @@ class SimBackend:
 
         def run() -> None:
             if self.kernel == "triton-interpreter":
-                importlib.import_module("streammerge.kernels.triton_merge").merge_triton(
-                    t, s, g, alpha, out_dtype, out=out
-                )
+                km = importlib.import_module("streammerge.kernels.triton_merge")
+                if t is None:
+                    km.extract_vector_triton(s, g, alpha, out_dtype, out=out)
+                elif s is None:
+                    km.apply_vector_triton(t, g, alpha, out_dtype, out=out)
+                else:
+                    km.merge_triton(t, s, g, alpha, out_dtype, out=out)
             else:
-                merge_reference(t, s, g, alpha, out_dtype, out=out)
+                _merge_torch(t, s, g, alpha, out_dtype, out)
 
         self._enqueue(stream, ("op", run))
 
@@ -672,17 +710,27 @@ class SimBackend:
                 ready = [s for s in self._streams if self._runnable(s)]
                 if not ready:
                     raise SimulationError("simulated device deadlock: no stream can make progress")
-                s = self.rng.choice(ready)
-                op = s.ops.popleft()
-                if op[0] == "record":
-                    op[1].done = max(op[1].done, op[2])
-                    op[1].time = time.perf_counter()
-                elif op[0] == "op":
-                    op[1]()
-                self.ops_run += 1
+                # A random stream runs a burst of random length: streams race ahead of each other, as DMA engines and
+                # SMs do, which is what exposes a missing wait.
+                self._burst(self.rng.choice(ready), done)
+
+    def _burst(self, s: _SimStream, done: Callable[[], bool]) -> None:
+        for _ in range(self.rng.choice(_SIM_BURSTS)):
+            op = s.ops.popleft()
+            if op[0] == "record":
+                op[1].done = max(op[1].done, op[2])
+                op[1].time = time.perf_counter()
+            elif op[0] == "op":
+                op[1]()
+            self.ops_run += 1
+            if done() or not self._runnable(s):
+                return
 
     def sync_event(self, event: _SimEvent) -> None:
         target = event.recorded
+        if self.rng.random() < 0.3:
+            # A waiting thread is sometimes slow to get there, so that other threads queue more work meanwhile.
+            time.sleep(self.rng.random() * 2e-3)
         self._run_until(lambda: event.done >= target)
 
     def synchronize(self) -> None:
@@ -744,7 +792,14 @@ _PENDING, _REGISTERED, _STAGED, _RELEASED = "pending", "registered", "staged", "
 
 
 class _WindowRunner:
-    """Registers windows ahead of the issuing thread and unregisters them behind the writer (one thread)."""
+    """Registers windows ahead of the issuing thread and unregisters them behind the writer.
+
+    A scheduling thread closes (unregisters) the windows whose last chunk the writer finished, then decides, in window
+    order, what may open (its gate is open, no occupied window of the same mapping overlaps it, fewer than
+    ``threads`` opens in flight); ``threads`` workers do the slow calls (cudaHostRegister pins and faults every page).
+    Every open starts after the closes posted before it, so registered bytes stay within ``WindowPlan.live``. A refused
+    registration's error is cleared on the worker thread that got it (CUDA errors are per thread).
+    """
 
     def __init__(
         self,
@@ -755,6 +810,7 @@ class _WindowRunner:
         register: bool,
         failure: _Failure,
         timers: dict[str, float],
+        threads: int = 1,
     ):
         self.be = be
         self.plan = wplan
@@ -763,6 +819,7 @@ class _WindowRunner:
         self.register_enabled = register
         self.failure = failure
         self.timers = timers
+        self.threads = threads
         n = len(wplan.windows)
         self.status = [_PENDING] * n
         self.ready = [threading.Event() for _ in range(n)]
@@ -770,6 +827,8 @@ class _WindowRunner:
         self.issue_pos = -1
         self.pending: collections.deque[int] = collections.deque()
         self.stopping = False
+        self.occupied: set[int] = set()  # opening, open, or closing: its range may not be registered again yet
+        self.opening = 0
         self.live: dict[int, int] = {}  # window id -> registered pointer
         self.live_bytes = 0
         self.max_live_bytes = 0
@@ -779,6 +838,7 @@ class _WindowRunner:
         self.refusal: str | None = None
         self.unregister_errors: list[str] = []
         self.thread = threading.Thread(target=self._main, name="sm-windows", daemon=True)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sm-register", initializer=self._init_worker)
 
     # ----- called by other threads
     def start(self) -> None:
@@ -787,14 +847,14 @@ class _WindowRunner:
     def advance(self, g: int) -> None:
         with self.cond:
             self.issue_pos = g
-            self.cond.notify()
+            self.cond.notify_all()
 
     def release_after(self, g: int) -> None:
         done = self.plan.releases.get(g)
         if done:
             with self.cond:
                 self.pending.extend(done)
-                self.cond.notify()
+                self.cond.notify_all()
 
     def wait_ready(self, wid: int, check: Callable[[], None]) -> bool:
         """Block until window ``wid`` is registered or staged; True when its chunks may DMA from it directly."""
@@ -806,22 +866,34 @@ class _WindowRunner:
         return self.status[wid] == _REGISTERED
 
     def close(self) -> None:
-        """Stop the thread, then unregister whatever is still registered (call after the device is idle)."""
+        """Stop, let the workers finish, then unregister whatever is still registered (call once the device is
+        idle: no copy may still read a window)."""
         with self.cond:
             self.stopping = True
-            self.cond.notify()
+            self.cond.notify_all()
         if self.thread.is_alive():
             self.thread.join()
+        self.pool.shutdown(wait=True)
         for wid in list(self.live):
-            self._release(wid)
+            self._close(wid)
 
-    # ----- the thread
-    def _overlaps_live(self, w: Window) -> bool:
-        for wid in self.live:
+    # ----- the scheduling thread
+    def _init_worker(self) -> None:
+        self.be.bind_thread()
+
+    def _overlaps(self, w: Window) -> bool:
+        for wid in self.occupied:
             o = self.plan.windows[wid]
             if o.key == w.key and o.start < w.stop and w.start < o.stop:
                 return True
         return False
+
+    def _can_open(self, nxt: int) -> bool:
+        order = self.plan.order
+        if nxt >= len(order) or self.opening >= self.threads:
+            return False
+        w = self.plan.windows[order[nxt]]
+        return w.register_at <= self.issue_pos and not self._overlaps(w)
 
     def _main(self) -> None:
         try:
@@ -830,23 +902,36 @@ class _WindowRunner:
             nxt = 0
             while True:
                 with self.cond:
-                    while True:
-                        if self.stopping:
-                            return
-                        gate = nxt < len(order) and self.plan.windows[order[nxt]].register_at <= self.issue_pos
-                        if self.pending or (gate and not self._overlaps_live(self.plan.windows[order[nxt]])):
-                            break
+                    while not (self.stopping or self.pending or self._can_open(nxt)):
                         self.cond.wait()
-                    releases = list(self.pending)
+                    if self.stopping:
+                        return
+                    closes = list(self.pending)
                     self.pending.clear()
-                for wid in releases:
-                    self._release(wid)
-                if gate and not self._overlaps_live(self.plan.windows[order[nxt]]):
-                    self._open(order[nxt], order[nxt + 1] if nxt + 1 < len(order) else None)
-                    nxt += 1
+                if closes:
+                    for wid in closes:
+                        self._close(wid)
+                    continue  # decide the opens with these windows gone
+                with self.cond:
+                    opens = []
+                    while self._can_open(nxt):
+                        wid = order[nxt]
+                        self.occupied.add(wid)
+                        self.opening += 1
+                        opens.append((wid, order[nxt + 1] if nxt + 1 < len(order) else None))
+                        nxt += 1
+                for wid, next_wid in opens:
+                    self.pool.submit(self._job, self._open, wid, next_wid)
         except BaseException as e:  # noqa: BLE001 - handed to the issuing thread
             self.failure.set(e)
 
+    def _job(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the issuing thread
+            self.failure.set(e)
+
+    # ----- worker side
     def _advise(self, w: Window, advice: int) -> None:
         m = self.maps[w.key]
         if w.start >= len(m):
@@ -859,63 +944,101 @@ class _WindowRunner:
     def _open(self, wid: int, next_wid: int | None) -> None:
         w = self.plan.windows[wid]
         t0 = time.perf_counter()
-        if hasattr(mmap, "MADV_WILLNEED"):
-            # Asynchronous read-ahead of this window and the next: on a cold cache the kernel reads in large requests
-            # while registration (or the staging copies) fault the pages in one by one.
-            self._advise(w, mmap.MADV_WILLNEED)
-            if next_wid is not None:
-                self._advise(self.plan.windows[next_wid], mmap.MADV_WILLNEED)
-        if self.register_enabled:
-            code, msg = self.be.register(self.bases[w.key] + w.start, w.nbytes)
-            if code == 0:
-                self.live[wid] = self.bases[w.key] + w.start
-                self.live_bytes += w.nbytes
-                self.max_live_bytes = max(self.max_live_bytes, self.live_bytes)
-                self.max_live = max(self.max_live, len(self.live))
-                self.registered += 1
-                self.registered_bytes += w.nbytes
-                self.status[wid] = _REGISTERED
-            else:
-                # The refusal left this thread's CUDA error set: clear it, or it surfaces in a later launch check.
-                if not self.be.clear_error():
-                    raise EngineError(
-                        f"cudaHostRegister of {w.nbytes} bytes was refused ({msg}, error {code}) and the CUDA error "
-                        "it left could not be cleared; rerun with registration off (pinned staging)"
-                    )
-                self.refusal = f"cudaHostRegister of {w.nbytes} bytes refused ({msg}, error {code})"
-                self.register_enabled = False
-                self.status[wid] = _STAGED
-            self.timers["register"] += time.perf_counter() - t0
-        else:
-            self.status[wid] = _STAGED
-            self.timers["advise"] += time.perf_counter() - t0
-        self.ready[wid].set()
+        try:
+            if hasattr(mmap, "MADV_WILLNEED"):
+                # Asynchronous read-ahead of this window and the next: on a cold cache the kernel reads in large
+                # requests while registration (or the staging copies) fault the pages in one by one.
+                self._advise(w, mmap.MADV_WILLNEED)
+                if next_wid is not None:
+                    self._advise(self.plan.windows[next_wid], mmap.MADV_WILLNEED)
+            status = _STAGED
+            if self.register_enabled:
+                ptr = self.bases[w.key] + w.start
+                code, msg = self.be.register(ptr, w.nbytes)
+                if code == 0:
+                    status = _REGISTERED
+                else:
+                    # The refusal left this thread's CUDA error set: clear it, or a later launch check raises it.
+                    if not self.be.clear_error():
+                        raise EngineError(
+                            f"cudaHostRegister of {w.nbytes} bytes was refused ({msg}, error {code}) and the CUDA "
+                            "error it left could not be cleared; rerun with registration off (pinned staging)"
+                        )
+                    with self.cond:
+                        self.register_enabled = False  # from here on every window goes through staging
+                        self.refusal = (
+                            self.refusal or f"cudaHostRegister of {w.nbytes} bytes refused ({msg}, error {code})"
+                        )
+            with self.cond:
+                if status == _REGISTERED:
+                    self.live[wid] = ptr
+                    self.live_bytes += w.nbytes
+                    self.max_live_bytes = max(self.max_live_bytes, self.live_bytes)
+                    self.max_live = max(self.max_live, len(self.live))
+                    self.registered += 1
+                    self.registered_bytes += w.nbytes
+                    self.timers["register"] += time.perf_counter() - t0
+                else:
+                    self.timers["advise"] += time.perf_counter() - t0
+                self.status[wid] = status
+        finally:
+            with self.cond:
+                self.opening -= 1
+                self.cond.notify_all()
+            self.ready[wid].set()
 
-    def _release(self, wid: int) -> None:
+    def _close(self, wid: int) -> None:
         w = self.plan.windows[wid]
         t0 = time.perf_counter()
-        ptr = self.live.pop(wid, None)
-        if ptr is not None:
-            code, msg = self.be.unregister(ptr)
-            if code:
-                cleared = self.be.clear_error()
-                self.unregister_errors.append(
-                    f"cudaHostUnregister failed ({msg}, error {code}; {'cleared' if cleared else 'NOT cleared'})"
-                )
-            self.live_bytes -= w.nbytes
-        if hasattr(mmap, "MADV_DONTNEED") and not any(
-            self.plan.windows[o].key == w.key
-            and self.plan.windows[o].start < w.stop
-            and w.start < self.plan.windows[o].stop
-            for o in self.live
-        ):
-            # Drop the pages from this process (the page cache keeps them): RSS does not grow with the model.
-            self._advise(w, mmap.MADV_DONTNEED)
-        self.status[wid] = _RELEASED
-        self.timers["unregister"] += time.perf_counter() - t0
+        with self.cond:
+            ptr = self.live.pop(wid, None)
+        try:
+            if ptr is not None:
+                code, msg = self.be.unregister(ptr)
+                if code:
+                    cleared = self.be.clear_error()
+                    with self.cond:
+                        state = "cleared" if cleared else "NOT cleared"
+                        self.unregister_errors.append(f"cudaHostUnregister failed ({msg}, error {code}; {state})")
+            with self.cond:
+                if ptr is not None:
+                    self.live_bytes -= w.nbytes
+                others = [o for o in self.occupied if o != wid]
+            if hasattr(mmap, "MADV_DONTNEED") and not any(
+                self.plan.windows[o].key == w.key
+                and self.plan.windows[o].start < w.stop
+                and w.start < self.plan.windows[o].stop
+                for o in others
+            ):
+                # Drop the pages from this process (the page cache keeps them): RSS does not grow with the model.
+                self._advise(w, mmap.MADV_DONTNEED)
+        finally:
+            with self.cond:
+                self.status[wid] = _RELEASED
+                self.occupied.discard(wid)
+                self.timers["unregister"] += time.perf_counter() - t0
+                self.cond.notify_all()
 
 
 # ---------------------------------------------------------------------------------------------- the engine
+def _on_gpu(item: WorkItem) -> bool:
+    """Whether a chunk is computed on the GPU (MERGE, CONVERT) rather than copied or empty."""
+    return item.tensor is not None and item.op in (Op.MERGE, Op.CONVERT) and item.stop > item.start
+
+
+def _inputs(item: WorkItem) -> list[tuple[str, TensorRef]]:
+    """The (role, tensor) inputs a GPU chunk reads, as the CPU engine: CONVERT the target; MERGE the target (unless
+    extracting a vector), sft (unless applying a stored vector) and grpo."""
+    t = item.tensor
+    if item.op is Op.CONVERT:
+        return [("target", t.target)]
+    out = [("target", t.target)] if t.base else []
+    if t.sft is not None:
+        out.append(("sft", t.sft))
+    out.append(("grpo", t.grpo))  # type: ignore[arg-type]
+    return out
+
+
 @dataclass
 class _Job:
     kind: str  # "slot" (GPU chunk in pinned slot) or "view" (bytes straight from the mmap, or nothing)
@@ -949,6 +1072,7 @@ class CudaEngine:
         register_windows (`bool`): DMA straight from registered windows of the input mmaps; False: pinned staging.
         register_ahead_bytes (`int`): input bytes registered ahead of the chunk being issued.
         copy_threads (`int`): host threads filling pinned staging slots (staging path only).
+        register_threads (`int`): threads registering / unregistering windows.
         device (`torch.device | int | str`, *optional*): the GPU; the current one by default.
         profile (`bool`): time every H2D, kernel and D2H with CUDA events and report busy time per stage and
             their overlap in ``stage_seconds`` (benchmarks; a few µs per chunk).
@@ -975,6 +1099,7 @@ class CudaEngine:
         register_windows: bool = True,
         register_ahead_bytes: int = DEFAULT_REGISTER_AHEAD_BYTES,
         copy_threads: int = DEFAULT_COPY_THREADS,
+        register_threads: int = DEFAULT_REGISTER_THREADS,
         device=None,
         profile: bool = False,
         backend=None,
@@ -985,8 +1110,8 @@ class CudaEngine:
             raise OptionsError(f"CUDA engine: window_bytes must be a positive multiple of {PAGE}, got {window_bytes}")
         if slots < 1 or host_slots < 2:
             raise OptionsError(f"CUDA engine: needs >= 1 device slot and >= 2 host slots, got {slots}/{host_slots}")
-        if register_ahead_bytes < 0 or copy_threads < 1:
-            raise OptionsError("CUDA engine: register_ahead_bytes must be >= 0 and copy_threads >= 1")
+        if register_ahead_bytes < 0 or copy_threads < 1 or register_threads < 1:
+            raise OptionsError("CUDA engine: register_ahead_bytes must be >= 0, copy/register threads >= 1")
         self.chunk_bytes = chunk_bytes
         self.window_bytes = window_bytes
         self.slots = slots
@@ -994,6 +1119,7 @@ class CudaEngine:
         self.register_windows = register_windows
         self.register_ahead_bytes = register_ahead_bytes
         self.copy_threads = copy_threads
+        self.register_threads = register_threads
         self.device = device
         self.profile = profile
         self.backend = backend
@@ -1043,29 +1169,31 @@ class CudaEngine:
         S, P = self.slots, self.host_slots
 
         # ---- what each GPU chunk reads, and the windows over it
-        def inputs_of(t: OutTensor) -> list[tuple[str, TensorRef]]:
-            if t.op is Op.CONVERT:
-                return [("target", t.target)]
-            return [("target", t.target), ("sft", t.sft), ("grpo", t.grpo)]  # type: ignore[list-item]
+        # One checkpoint may stand in several roles (extract passes grpo as the target too): windows are per mapping,
+        # so such roles share one key and their windows can never overlap in address space.
+        canon: dict[str, str] = {}
+        for role in ROLES:
+            ck = ckpts.get(role)
+            canon[role] = next((r for r in ROLES if r in canon and ckpts.get(r) is ck), role)
 
         gpu_items: list[WorkItem] = []
         sources: list[list[Source]] = []
         for item in items:
-            t = item.tensor
-            if t is None or t.op is Op.COPY or item.stop == item.start:
+            if not _on_gpu(item):
                 continue
             gpu_items.append(item)
             srcs = []
-            for role, ref in inputs_of(t):
+            for role, ref in _inputs(item):
                 isz = _elem_size(ref.dtype)
-                srcs.append(Source((role, ref.file), ref.offset + item.start * isz, ref.offset + item.stop * isz))
+                key = (canon[role], ref.file)
+                srcs.append(Source(key, ref.offset + item.start * isz, ref.offset + item.stop * isz))
             sources.append(srcs)
         maps: dict[Key, mmap.mmap] = {}
         bases: dict[Key, int] = {}
         for srcs in sources:
             for s in srcs:
                 if s.key not in maps:
-                    m = ckpts[s.key[0]]._map(s.key[1])
+                    m = ckpts[s.key[0]]._map(s.key[1])  # type: ignore[union-attr]
                     maps[s.key] = m
                     # The mapping's address: a one-byte zero-copy view (ctypes cannot take a read-only buffer).
                     bases[s.key] = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
@@ -1078,7 +1206,9 @@ class CudaEngine:
         failure = _Failure()
         lock = threading.Lock()
         done = {"bytes": 0, "tensors": 0}
-        runner = _WindowRunner(be, wplan, maps, bases, self.register_windows, failure, timers)
+        runner = _WindowRunner(
+            be, wplan, maps, bases, self.register_windows, failure, timers, threads=self.register_threads
+        )
         write_q: queue.Queue = queue.Queue(maxsize=P + 8)
         ring = SlotRing(P)
         pool: list[ThreadPoolExecutor] = []
@@ -1130,6 +1260,7 @@ class CudaEngine:
                 progress(Progress(b, total_bytes, n, total_tensors, tensor_done.name if tensor_done else ""))
 
         def write_loop() -> None:
+            be.bind_thread()  # events of this GPU are synchronised from here
             while True:
                 job: _Job | None = write_q.get()
                 if job is None:
@@ -1151,7 +1282,7 @@ class CudaEngine:
                             writer.write(t.file, t.offset + _out_offset(t, item), data.numpy())
                         else:
                             writer.write(t.file, t.offset + item.start, job.view.numpy())  # type: ignore[union-attr]
-                            ckpts["target"].release(t.target, item.start, item.stop)
+                            ckpts["target"].release(t.target, item.start, item.stop)  # type: ignore[union-attr]
                     crash_point(f"chunk:{stats.chunks_written}")
                     stats.chunks_written += 1
                     header = 0
@@ -1162,9 +1293,8 @@ class CudaEngine:
                     timers["write"] += time.perf_counter() - t0
                     if job.kind == "slot":
                         runner.release_after(job.gpu_index)  # before the slot goes back: bounds registered bytes
-                    last = t is not None and item.stop >= (t.nbytes if t.op is Op.COPY else t.numel)
                     out_b = _out_bytes(t, item) if t is not None else 0
-                    report(job.n_in + out_b + header, t if last else None, out_b + header)
+                    report(job.n_in + out_b + header, t if item.last_of_tensor else None, out_b + header)
                 except BaseException as e:  # noqa: BLE001 - handed to the issuing thread
                     failure.set(e)
                 finally:
@@ -1195,22 +1325,20 @@ class CudaEngine:
                 failure.check()
                 t = item.tensor
                 stats.chunks += 1
-                if t is None or t.op is Op.COPY or item.stop == item.start:
-                    view = None
-                    if t is not None and t.op is Op.COPY and item.stop > item.start:
-                        view = ckpts["target"].view(t.target, item.start, item.stop)
-                    put(
-                        _Job(
-                            "view", item, item.stop - item.start if t is not None and t.op is Op.COPY else 0, view=view
-                        )
-                    )
+                if not _on_gpu(item):
+                    # Bytes straight from the target's mapping to the writer (COPY), or nothing (empty tensor/file).
+                    view, n_in = None, 0
+                    if t is not None and item.op is Op.COPY and item.stop > item.start:
+                        view = ckpts["target"].view(t.target, item.start, item.stop)  # type: ignore[union-attr]
+                        n_in = item.stop - item.start
+                    put(_Job("view", item, n_in, view=view))
                     continue
                 g += 1
                 t_issue = time.perf_counter()
                 runner.advance(g)
                 k = g % S
                 n = item.stop - item.start
-                ins = inputs_of(t)
+                ins = _inputs(item)
                 segs = wplan.segments[g]
                 t0 = time.perf_counter()
                 # Every window of the chunk is waited for (no short cut): its registration is the read-ahead too.
@@ -1228,7 +1356,7 @@ class CudaEngine:
                         if direct[r]:
                             continue
                         for sg in segs[r]:
-                            src = segment_view(ckpts[role], ref, sg)
+                            src = segment_view(ckpts[role], ref, sg)  # type: ignore[arg-type]
                             step = max(STAGING_PIECE_MIN, -(-src.numel() // self.copy_threads))
                             for a in range(0, src.numel(), step):
                                 b = min(src.numel(), a + step)
@@ -1245,7 +1373,7 @@ class CudaEngine:
                     if direct[r]:
                         for sg in segs[r]:
                             dst = buf.dev_in[k][r][sg.dst : sg.dst + (sg.stop - sg.start)]
-                            be.h2d(s_in, dst, segment_view(ckpts[role], ref, sg))
+                            be.h2d(s_in, dst, segment_view(ckpts[role], ref, sg))  # type: ignore[arg-type]
                         n_direct += 1
                     else:
                         be.h2d(s_in, buf.dev_in[k][r][: nbytes[r]], buf.staging[k][r][: nbytes[r]])  # type: ignore
@@ -1261,9 +1389,11 @@ class CudaEngine:
                 views = [buf.dev_in[k][r][: nbytes[r]].view(OUT_DTYPES[ref.dtype]) for r, (_, ref) in enumerate(ins)]
                 out_b = n * _elem_size(t.dtype)
                 out_view = buf.dev_out[k][:out_b].view(OUT_DTYPES[t.dtype])
-                count = opts.check_finite and t.op is Op.MERGE
-                if t.op is Op.MERGE:
-                    be.merge(s_comp, views[0], views[1], views[2], opts.alpha, t.dtype, out_view)
+                count = opts.check_finite and item.op is Op.MERGE
+                if item.op is Op.MERGE:
+                    by_role = {role: v for (role, _), v in zip(ins, views)}
+                    tv, sv, gv = by_role.get("target"), by_role.get("sft"), by_role["grpo"]
+                    be.merge(s_comp, tv, sv, gv, t.alpha, t.dtype, out_view)
                     if count:
                         be.count_nonfinite(s_comp, out_view, views, buf.nf_dev[k])
                 else:
