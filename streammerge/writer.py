@@ -91,6 +91,7 @@ class OutputWriter:
         self.done_files: set[int] = set()  # finished before this run started (resume)
         self.notes: list[str] = []
         self.bytes_written = 0
+        self.external_digest = False
 
     # ------------------------------------------------------------------ setup
     def open(self) -> None:
@@ -256,7 +257,15 @@ class OutputWriter:
         except OSError as e:
             raise self._write_error(self.plan.files[file].name, e) from None
         self.bytes_written += n
-        # Chunks arrive in offset order, so the checksum is computed as we go; anything else re-reads at the end.
+        if not self.external_digest:
+            self.digest(file, offset, data)
+
+    def digest(self, file: int, offset: int, data) -> None:
+        """Feed ``data`` (about to be written at ``offset``) to the file's SHA-256. Chunks come in offset order, so
+        the checksum is computed as the data passes; anything out of order makes ``finish_file`` re-read the file.
+        An engine may call this from its compute thread (``external_digest = True``) to keep the hashing off the
+        writer thread, which on small machines is the bottleneck."""
+        n = memoryview(data).nbytes
         if self._sequential[file] and offset == self._cursor[file]:
             self._hash[file].update(data)
             self._cursor[file] += n
@@ -380,12 +389,17 @@ class NullWriter:
             if self._hash[i] is not None:
                 self._hash[i].update(f.header)
 
+    external_digest = False
+
     def write(self, file: int, offset: int, data) -> None:
-        n = memoryview(data).nbytes
+        self.bytes_written += memoryview(data).nbytes
+        if not self.external_digest:
+            self.digest(file, offset, data)
+
+    def digest(self, file: int, offset: int, data) -> None:
         h = self._hash[file]
         if h is not None:
             h.update(data)
-        self.bytes_written += n
 
     def finish_file(self, file: int) -> None:
         f = self.plan.files[file]

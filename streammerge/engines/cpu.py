@@ -167,6 +167,8 @@ class CpuEngine:
         failure = _Failure()
         stop = threading.Event()
         t_target, t_sft, t_grpo = ckpts.get("target"), ckpts.get("sft"), ckpts.get("grpo")
+        # Hash output chunks on this (compute) thread, in output order: the writer thread only writes.
+        writer.external_digest = True
         skip = writer.done_files
         total_bytes = work_bytes(plan, skip)
         total_tensors = sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
@@ -271,6 +273,8 @@ class CpuEngine:
                 if t is None or item.op is Op.COPY:
                     view = t_target.view(t.target, item.start, item.stop) if t is not None else None
                     n_in = item.stop - item.start
+                    if view is not None and n_in:
+                        writer.digest(t.file, t.offset + item.start, view.numpy())
                     self._put(write_q, ("view", view, item, n_in), failure)
                     continue
                 t0 = time.perf_counter()
@@ -279,6 +283,8 @@ class CpuEngine:
                 failure.check()
                 t0 = time.perf_counter()
                 n_in = self._compute(t, item, ckpts, slots[slot], scratch, plan.options, stats, pool)
+                if item.stop > item.start:
+                    writer.digest(t.file, t.offset + _out_offset(t, item), slots[slot][: _out_bytes(t, item)].numpy())
                 timers["compute"] += time.perf_counter() - t0
                 self._put(write_q, ("slot", slot, item, n_in), failure)
                 peak = max(peak, rss_anon())  # ~20 us per chunk

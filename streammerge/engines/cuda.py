@@ -19,12 +19,16 @@ the final synchronisation.
 Windows: every input file is cut into a fixed grid of ``window_bytes`` cells; a window is the page-aligned part of
 one cell that a run of consecutive chunks reads (:func:`plan_windows`). A window thread registers windows with
 ``cudaHostRegister(ReadOnly)`` ahead of use (up to ``register_ahead_bytes`` of input ahead of the chunk being
-issued; registration faults the pages in, so it doubles as read-ahead on a cold cache) and unregisters each one
-once the writer has finished its last chunk, then drops its pages from this process (``MADV_DONTNEED``). Windows of
-one file never overlap while registered. When a registration is refused, the CUDA error it left behind is cleared
-(it would otherwise surface in the next kernel launch check), the refusal is reported in the notes, and every
-later window is only read ahead (``MADV_WILLNEED``) while its chunks go through pinned staging slots filled by a
-small pool of host threads. ``register_windows=False`` takes that path from the start.
+issued, ``register_threads`` at a time; registration faults the pages in, so it doubles as read-ahead on a cold
+cache) and unregisters each one once the writer has finished its last chunk, then drops its pages from this process
+(``MADV_DONTNEED``). Windows of one mapping never overlap while registered. When a registration is refused, the
+CUDA error it left behind is cleared (it would otherwise surface in the next kernel launch check), the refusal is
+reported in the notes, and every later window is only read ahead (``MADV_WILLNEED``) while its chunks go through
+pinned staging slots filled by a small pool of host threads. ``register_windows=False`` takes that path from the start.
+
+Chunks follow the CPU engine's work list exactly (``iter_work``: per-chunk op, per-tensor alpha, vocabulary tails
+copied or converted from the target, extract without a target term, apply without sft); COPY chunks go from the
+mapping to the writer without touching the GPU.
 
 Everything that decides an order (windows, their register/release points, slot use) is plain Python over the plan,
 testable without a GPU; the device itself is behind a small backend interface, with :class:`SimBackend` a CPU
@@ -358,23 +362,23 @@ def clear_cuda_error(device: torch.device | None = None) -> bool:
 
     A failed runtime call leaves its error as the thread's "last error"; torch checks ``cudaGetLastError()`` after
     every kernel launch, so the next launch on this thread would raise it. Cleared through the runtime's own
-    ``cudaGetLastError`` when the library is found, else by a tiny launch whose check consumes it.
+    ``cudaGetLastError`` (the library torch loaded, through ctypes) when it is found, then checked with a tiny
+    launch whose check consumes whatever is left (torch clears the error it raises).
 
     Returns:
-        `bool`: True when the thread's error state is clean afterwards.
+        `bool`: True when a launch on this thread works afterwards.
     """
     lib = _cudart_ctypes()
     if lib is not None:
         lib.cudaGetLastError()
-        return lib.cudaPeekAtLastError() == 0
     dev = device or torch.device("cuda", torch.cuda.current_device())
     for attempt in range(2):
         try:
-            torch.zeros(1, device=dev)  # a fill kernel: torch checks (and so clears) the last error after launching
+            torch.zeros(1, device=dev)  # a fill kernel: torch checks (and so clears) the last error after it
             return True
         except RuntimeError:
             if attempt:
-                return False
+                return False  # a sticky error: the context is broken
     return False
 
 
@@ -524,16 +528,17 @@ class _SimStream:
 class SimBackend:
     """A CPU stand-in for the GPU that checks the engine's ordering, for tests and CPU-only runs of the scheduling.
 
-    "Device" buffers are CPU tensors. Work queued on a stream runs only when some thread waits for it (an event or
-    device synchronisation), one operation at a time, picking at random among the streams whose next operation may
-    run: a ``wait`` blocks its stream until the event's record made before the wait has executed. So a missing wait
-    lets a later operation overtake (and the output differs from the CPU engine's), a buffer reused before the
-    copy reading it ran gives wrong bytes, and a window unregistered before its copy ran is caught when the copy
-    executes. Every H2D source must lie inside a live registration or a pinned (``host_buffer``) allocation, every
-    D2H destination inside a pinned one. Registration mimics CUDA: page-aligned, no overlap; ``register="refuse"``
-    refuses every call and ``refuse_after=N`` all calls after the N-th, leaving a process-wide error that any later
-    kernel launch on that thread raises until :meth:`clear_error` (as CUDA's per-thread "last error"; ``errors``
-    shows what was never cleared).
+    "Device" buffers are CPU tensors (filled with a poison byte). Work queued on a stream runs lazily: when a thread
+    waits for an event or the device (those waits sometimes start late, so that other threads queue more work
+    meanwhile), and now and then by itself as work is queued. Each time a random stream whose next operation may run
+    runs a burst of random length; a ``wait`` blocks its stream until the event's record made before the wait has
+    executed. So a missing wait lets a later operation overtake (the output then differs from the CPU engine's), a
+    buffer reused before the copy reading it ran gives wrong bytes, and a window unregistered before its copy ran is
+    caught when the copy executes. Every H2D source must lie inside a live registration or a pinned
+    (``host_buffer``) allocation, every D2H destination inside a pinned one. Registration mimics CUDA: page-aligned,
+    no overlap; ``register="refuse"`` refuses every call and ``refuse_after=N`` every call after the N-th, leaving an
+    error on the calling thread that a kernel launch from that thread raises until :meth:`clear_error` (CUDA's
+    per-thread "last error"; ``errors`` shows what was never cleared; ``clear_works=False`` makes clearing fail).
 
     The kernels are the Triton launchers when ``streammerge.kernels.triton_merge`` runs under ``TRITON_INTERPRET=1``
     (``kernel="auto"``), else the pure-torch reference (``kernel="reference"``).
@@ -864,6 +869,13 @@ class _WindowRunner:
             if not self.thread.is_alive() and not ev.is_set():
                 raise EngineError("internal error: the window thread stopped before a window was ready")
         return self.status[wid] == _REGISTERED
+
+    def overlaps_occupied(self, key: Key, start: int, stop: int) -> bool:
+        """Whether file bytes ``[start, stop)`` of mapping ``key`` touch a window being registered or registered."""
+        with self.cond:
+            return any(
+                (o := self.plan.windows[wid]).key == key and o.start < stop and start < o.stop for wid in self.occupied
+            )
 
     def close(self) -> None:
         """Stop, let the workers finish, then unregister whatever is still registered (call once the device is
@@ -1282,7 +1294,11 @@ class CudaEngine:
                             writer.write(t.file, t.offset + _out_offset(t, item), data.numpy())
                         else:
                             writer.write(t.file, t.offset + item.start, job.view.numpy())  # type: ignore[union-attr]
-                            ckpts["target"].release(t.target, item.start, item.stop)  # type: ignore[union-attr]
+                            # Drop the copied pages from this process, unless a registered window holds them: pages
+                            # pinned for DMA are left mapped (an unregistration drops them later).
+                            a, b = t.target.offset + item.start, t.target.offset + item.stop
+                            if not runner.overlaps_occupied((canon["target"], t.target.file), a, b):
+                                ckpts["target"].release(t.target, item.start, item.stop)  # type: ignore[union-attr]
                     crash_point(f"chunk:{stats.chunks_written}")
                     stats.chunks_written += 1
                     header = 0
