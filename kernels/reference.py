@@ -79,7 +79,27 @@ def fast_cast_is_exact(out_dtype: str) -> bool:
             ok = True
         else:
             hi = torch.arange(0, 1 << 16, dtype=torch.int64) << 16
-            lows = torch.tensor([0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x7FFF, 0x8000, 0x8001, 0xFFFF])
+            # ties and neighbours for bf16 (bit 15) and for fp16 normals (bit 12) and subnormals (bits 13-14 near
+            # the float32 exponents that map to fp16 subnormals)
+            lows = torch.tensor(
+                [
+                    0,
+                    1,
+                    0x0FFF,
+                    0x1000,
+                    0x1001,
+                    0x1FFF,
+                    0x2000,
+                    0x2001,
+                    0x3FFF,
+                    0x4000,
+                    0x4001,
+                    0x7FFF,
+                    0x8000,
+                    0x8001,
+                    0xFFFF,
+                ]
+            )
             rnd = torch.randint(0, 1 << 16, (hi.numel(),), generator=torch.Generator().manual_seed(0))
             bits = torch.cat([(hi[:, None] | lows[None, :]).reshape(-1), hi | rnd, torch.tensor([0x477FEFFF])])
             bits = ((bits + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)[:-2]  # odd length

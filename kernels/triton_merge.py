@@ -78,34 +78,11 @@ def _widen_f32(x):
 
 
 @triton.jit
-def _merge_kernel(
-    target_ptr,
-    sft_ptr,
-    grpo_ptr,
-    out_bits_ptr,
-    alpha,
-    n_elements,
-    OUT_CODE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # int64 before multiplying: tensors exceed 2**31 elements.
-    pid = tl.program_id(0).to(tl.int64)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
-
-    # Exact widening of bf16/fp16/fp32 to float32; three separate fp32 roundings (no FMA: enable_fp_fusion=False).
-    t = _widen_f32(tl.load(target_ptr + offsets, mask=mask, other=0.0))
-    s = _widen_f32(tl.load(sft_ptr + offsets, mask=mask, other=0.0))
-    g = _widen_f32(tl.load(grpo_ptr + offsets, mask=mask, other=0.0))
-    # Compiled, alpha arrives as fp32; the interpreter passes the Python float itself, which Triton types as fp64 when
-    # it is a float32 subnormal. The value is already a float32 (rounded on the host), so this cast is exact.
-    a32 = tl.cast(alpha, tl.float32)
-    d = g - s
-    m = a32 * d
-    r = t + m
-
-    # Unsigned bit patterns: shifts are logical and wrap-around (only ever reached by NaN patterns, which are
-    # replaced below) is defined behaviour, with no signed-overflow checks under TRITON_DEBUG.
+def _round_store(r, out_bits_ptr, offsets, mask, OUT_CODE: tl.constexpr):
+    # Round float32 ``r`` to the output dtype (DESIGN.md section 2) on its bit pattern and store the bits. Shared by
+    # the merge and the convert kernels, so both round with exactly the same integer code. Unsigned bit patterns:
+    # shifts are logical and wrap-around (only ever reached by NaN patterns, which are replaced below) is defined
+    # behaviour, with no signed-overflow checks under TRITON_DEBUG.
     bits = r.to(tl.uint32, bitcast=True)
     a = bits & _F32_ABS_MASK
     is_nan = a > _F32_INF
@@ -144,6 +121,76 @@ def _merge_kernel(
         tl.store(out_bits_ptr + offsets, res.to(tl.int16), mask=mask)
 
 
+@triton.jit
+def _merge_kernel(
+    target_ptr,
+    sft_ptr,
+    grpo_ptr,
+    out_bits_ptr,
+    alpha,
+    n_elements,
+    OUT_CODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # int64 before multiplying: tensors exceed 2**31 elements.
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+
+    # Exact widening of bf16/fp16/fp32 to float32; three separate fp32 roundings (no FMA: enable_fp_fusion=False).
+    t = _widen_f32(tl.load(target_ptr + offsets, mask=mask, other=0.0))
+    s = _widen_f32(tl.load(sft_ptr + offsets, mask=mask, other=0.0))
+    g = _widen_f32(tl.load(grpo_ptr + offsets, mask=mask, other=0.0))
+    # Compiled, alpha arrives as fp32; the interpreter passes the Python float itself, which Triton types as fp64 when
+    # it is a float32 subnormal. The value is already a float32 (rounded on the host), so this cast is exact.
+    a32 = tl.cast(alpha, tl.float32)
+    d = g - s
+    m = a32 * d
+    r = t + m
+
+    _round_store(r, out_bits_ptr, offsets, mask, OUT_CODE)
+
+
+@triton.jit
+def _convert_kernel(src_ptr, out_bits_ptr, n_elements, OUT_CODE: tl.constexpr, BLOCK: tl.constexpr):
+    # out = round(x32): a tensor copied from the target into another output dtype (the engines' CONVERT op). Not the
+    # merge kernel with alpha = 0: t + 0 * (t - t) is NaN where t is infinite.
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    r = _widen_f32(tl.load(src_ptr + offsets, mask=mask, other=0.0))
+    _round_store(r, out_bits_ptr, offsets, mask, OUT_CODE)
+
+
+@triton.jit
+def _merge_two_kernel(
+    a_ptr,
+    b_ptr,
+    out_bits_ptr,
+    alpha,
+    n_elements,
+    MODE: tl.constexpr,
+    OUT_CODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # The merge with one term absent, same separate fp32 roundings as _merge_kernel (no FMA) and the same final
+    # rounding. MODE 0, apply a stored vector (a = target, b = vector): r = t32 + a32 * v32. MODE 1, extract the
+    # vector (a = sft, b = grpo): r = a32 * (g32 - s32).
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = _widen_f32(tl.load(a_ptr + offsets, mask=mask, other=0.0))
+    y = _widen_f32(tl.load(b_ptr + offsets, mask=mask, other=0.0))
+    a32 = tl.cast(alpha, tl.float32)
+    if MODE == 0:
+        m = a32 * y
+        r = x + m
+    else:
+        d = y - x
+        r = a32 * d
+    _round_store(r, out_bits_ptr, offsets, mask, OUT_CODE)
+
+
 # True when TRITON_INTERPRET=1 was set as the kernel was decorated: it then runs on CPU tensors, in numpy.
 INTERPRETED: bool = not isinstance(_merge_kernel, triton.runtime.JITFunction)
 
@@ -173,6 +220,23 @@ def _check_inputs(tensors: dict[str, torch.Tensor]) -> tuple[int, torch.device]:
             raise ValueError(f"merge_triton: inputs must be on one device, got {devices}")
     assert n is not None and device is not None
     return n, device
+
+
+def _prepare_out(out: torch.Tensor | None, out_dtype: str, n: int, device: torch.device, who: str = "merge_triton"):
+    torch_out_dtype = OUT_DTYPES[out_dtype]
+    if out is None:
+        return torch.empty(n, dtype=torch_out_dtype, device=device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{who}: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != torch_out_dtype:
+        raise TypeError(f"{who}: out has dtype {out.dtype}, but out_dtype {out_dtype!r} needs {torch_out_dtype}")
+    if out.numel() != n:
+        raise ValueError(f"{who}: out has {out.numel()} elements, the inputs have {n}")
+    if out.device != device:
+        raise ValueError(f"{who}: out is on {out.device}, the inputs are on {device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{who}: out is not contiguous (strides {tuple(out.stride())})")
+    return out
 
 
 def merge_triton(
@@ -221,22 +285,7 @@ def merge_triton(
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
         raise TypeError(f"merge_triton: alpha must be a real number, got {type(alpha).__name__}")
 
-    torch_out_dtype = OUT_DTYPES[out_dtype]
-    if out is None:
-        out = torch.empty(n, dtype=torch_out_dtype, device=device)
-    else:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"merge_triton: out must be a torch.Tensor, got {type(out).__name__}")
-        if out.dtype != torch_out_dtype:
-            raise TypeError(
-                f"merge_triton: out has dtype {out.dtype}, but out_dtype {out_dtype!r} needs {torch_out_dtype}"
-            )
-        if out.numel() != n:
-            raise ValueError(f"merge_triton: out has {out.numel()} elements, the inputs have {n}")
-        if out.device != device:
-            raise ValueError(f"merge_triton: out is on {out.device}, the inputs are on {device}")
-        if not out.is_contiguous():
-            raise ValueError(f"merge_triton: out is not contiguous (strides {tuple(out.stride())})")
+    out = _prepare_out(out, out_dtype, n, device)
     if n == 0:
         return out
 
@@ -261,3 +310,118 @@ def merge_triton(
             enable_fp_fusion=False,
         )
     return out
+
+
+def convert_triton(src: torch.Tensor, out_dtype: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Round ``src`` (bf16, fp16 or fp32) to ``out_dtype`` with the contract's final rounding, on the GPU.
+
+    The bytes equal :func:`streammerge.kernels.reference.round_from_f32` of the exact float32 widening of ``src``:
+    round to nearest even, canonical quiet NaN, overflow to +-inf. This is the engines' CONVERT op (a tensor copied
+    from the target into another ``--out-dtype``).
+
+    Args:
+        src (`torch.Tensor`): a contiguous bf16, fp16 or fp32 tensor on a CUDA device (or on CPU under
+            ``TRITON_INTERPRET=1``), read flat.
+        out_dtype (`str`): "BF16", "F16" or "F32".
+        out (`torch.Tensor`, *optional*): a contiguous tensor of the output dtype, ``src``'s number of elements and
+            device, written in place. Allocated (1-D) when not given.
+
+    Returns:
+        `torch.Tensor`: ``out``.
+
+    Raises:
+        `TypeError` / `ValueError`: as :func:`merge_triton`.
+
+    Example:
+        ```py
+        >>> x = torch.randn(10, device="cuda")
+        >>> convert_triton(x, "BF16")
+        ```
+    """
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"convert_triton: unsupported output dtype {out_dtype!r}; use one of {', '.join(OUT_DTYPES)}")
+    n, device = _check_inputs({"src": src})
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"convert_triton: input is on {device}; the compiled kernel needs CUDA tensors "
+            "(set TRITON_INTERPRET=1 before importing this module to run it on CPU)"
+        )
+    out = _prepare_out(out, out_dtype, n, device, "convert_triton")
+    if n == 0:
+        return out
+    grid = (triton.cdiv(n, BLOCK_SIZE),)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard, np.errstate(all="ignore"):
+        _convert_kernel[grid](
+            src,
+            out.view(_OUT_BITS_DTYPE[out_dtype]),
+            n,
+            OUT_CODE=_OUT_CODE[out_dtype],
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+    return out
+
+
+def _merge_two(who: str, mode: int, a, b, alpha, out_dtype: str, out):
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{who}: unsupported output dtype {out_dtype!r}; use one of {', '.join(OUT_DTYPES)}")
+    names = ("target", "vector") if mode == 0 else ("sft", "grpo")
+    n, device = _check_inputs({names[0]: a, names[1]: b})
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"{who}: inputs are on {device}; the compiled kernel needs CUDA tensors "
+            "(set TRITON_INTERPRET=1 before importing this module to run it on CPU)"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{who}: alpha must be a real number, got {type(alpha).__name__}")
+    out = _prepare_out(out, out_dtype, n, device, who)
+    if n == 0:
+        return out
+    grid = (triton.cdiv(n, BLOCK_SIZE),)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard, np.errstate(all="ignore"):
+        _merge_two_kernel[grid](
+            a,
+            b,
+            out.view(_OUT_BITS_DTYPE[out_dtype]),
+            float(np.float32(alpha)),
+            n,
+            MODE=mode,
+            OUT_CODE=_OUT_CODE[out_dtype],
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+    return out
+
+
+def apply_vector_triton(
+    target: torch.Tensor, vector: torch.Tensor, alpha: float, out_dtype: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``round(t32 + f32(alpha) * v32)``: apply a stored vector (``streammerge.apply``), the merge's roundings.
+
+    With ``vector`` = float32 ``grpo - sft`` the bytes equal :func:`merge_triton` of the trio. Arguments, returns
+    and errors as :func:`merge_triton`.
+
+    Example:
+        ```py
+        >>> apply_vector_triton(target, vector, 1.0, "BF16")
+        ```
+    """
+    return _merge_two("apply_vector_triton", 0, target, vector, alpha, out_dtype, out)
+
+
+def extract_vector_triton(
+    sft: torch.Tensor, grpo: torch.Tensor, alpha: float, out_dtype: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``round(f32(alpha) * (g32 - s32))``: the vector itself (``streammerge.extract``, alpha 1), the merge's
+    roundings. Arguments, returns and errors as :func:`merge_triton`.
+
+    Example:
+        ```py
+        >>> extract_vector_triton(sft, grpo, 1.0, "F32")
+        ```
+    """
+    return _merge_two("extract_vector_triton", 1, sft, grpo, alpha, out_dtype, out)

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import __version__
@@ -71,7 +71,8 @@ class MergeReport:
 def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
     if options is not None:
         if kwargs:
-            options = MergeOptions.create(**{**asdict(options), **kwargs})
+            current = {f.name: getattr(options, f.name) for f in fields(options)}  # keeps Rule objects intact
+            options = MergeOptions.create(**{**current, **kwargs})
         options.validate()
         return options
     return MergeOptions.create(**kwargs)
@@ -349,15 +350,16 @@ def extract(
     """
     t_start = time.perf_counter()
     opts = _options(options, {**kwargs, "out_dtype": dtype, "alpha": 1.0})
-    sft_ck, grpo_ck = (_open_all(sft, grpo, grpo)[k] for k in ("target", "sft"))
+    opened = _open_all(sft, grpo, grpo)  # labels target=sft, sft=grpo, grpo=grpo (a second map of grpo)
+    sft_ck, grpo_ck = opened["target"], opened["grpo"]
     ckpts = {"target": grpo_ck, "sft": sft_ck, "grpo": grpo_ck}
     try:
         sources = {"target": "-", "sft": sft_ck.source, "grpo": grpo_ck.source}
         p = build_plan(grpo_ck, sft_ck, grpo_ck, opts, sources=sources, kind="vector")
         return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, None, False)
     finally:
-        sft_ck.close()
-        grpo_ck.close()
+        for c in opened.values():
+            c.close()
 
 
 def apply(
@@ -373,12 +375,14 @@ def apply(
     sink: str = "disk",
     push_to: str | None = None,
     private: bool = False,
+    any_vector: bool = False,
     **kwargs,
 ) -> MergeReport:
     """``out = target + alpha * vector`` for a vector written by :func:`extract` (one rounding, as in `merge`).
 
     With a float32 vector the bytes equal ``merge(target, sft, grpo, alpha=alpha)``. Same options and report as
-    :func:`merge` (rules, policies, out dtype, sinks, push).
+    :func:`merge` (rules, policies, out dtype, sinks, push). ``vector`` must carry extract's metadata
+    (``streammerge_formula: grpo - sft``) unless ``any_vector=True``: adding a whole model by mistake is refused.
     """
     t_start = time.perf_counter()
     explicit = {k: v for k, v in (("alpha", alpha), ("device", device)) if v is not None}
@@ -386,6 +390,13 @@ def apply(
     opened = _open_all(target, vector, vector)
     ckpts = {"target": opened["target"], "sft": None, "grpo": opened["grpo"]}
     try:
+        vec = opened["grpo"]
+        if not any_vector and vec.headers and vec.headers[0].metadata.get("streammerge_formula") != "grpo - sft":
+            raise OptionsError(
+                f"{vec.files[0]}: not a vector written by `streammerge extract` (its metadata has no "
+                "streammerge_formula 'grpo - sft'); applying a whole model would add its weights. Pass --any-vector "
+                "if it really is a difference of two checkpoints"
+            )
         sources = {"target": opened["target"].source, "sft": "-", "grpo": opened["grpo"].source}
         p = build_plan(opened["target"], opened["sft"], opened["grpo"], opts, sources=sources, kind="apply")
         return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, push_to, private)
@@ -422,6 +433,9 @@ def merge_identity(p: MergePlan, ckpts: dict[str, Checkpoint]) -> dict:
         "copy_aux_files": o.copy_aux_files,
         "extra_metadata": dict(o.extra_metadata),
         "rules": [r.describe() for r in o.rules],
+        # not byte-relevant, but a strict run must not keep shards an unchecked run wrote
+        "check_finite": o.check_finite,
+        "strict": o.strict,
         "vocab_mismatch": o.vocab_mismatch,
         "kind": p.kind,
     }

@@ -475,6 +475,9 @@ def apply_cmd(
         str | None, typer.Option("--push-to", help="Upload the verified output to this Hub repo.")
     ] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to: a private repo.")] = False,
+    any_vector: Annotated[
+        bool, typer.Option("--any-vector", help="Accept a VECTOR not written by `streammerge extract`.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """OUT = TARGET + alpha * VECTOR, with a vector from `streammerge extract` (fp32 vectors: the same bytes as merge).
@@ -503,7 +506,9 @@ def apply_cmd(
             rules_file=rules,
             overwrite=overwrite,
         )
-        r = apply_fn(target, vector, out, options=opts, resume=resume, push_to=push_to, private=private)
+        r = apply_fn(
+            target, vector, out, options=opts, resume=resume, push_to=push_to, private=private, any_vector=any_vector
+        )
         _print_report(r, opts, as_json)
 
     _run(body)

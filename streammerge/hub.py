@@ -92,6 +92,8 @@ def resolve(spec: str, label: str = "") -> HubSource:
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{who}{spec}: cannot download from the Hub ({e})") from None
+    except ValueError as e:  # HFValidationError: not a valid repo id (or a mistyped local path)
+        raise CheckpointError(f"{who}{spec}: no such local path, and not a valid Hub repository id ({e})") from None
     return HubSource(repo_id, revision, path, path.name)
 
 

@@ -104,7 +104,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 RULE_ACTIONS = ("alpha", "copy-target", "skip")
 VOCAB_POLICIES = ("error", "common-rows", "copy-target")
 # Tensors the vocab-mismatch policy may apply to: embeddings and output heads (rows = vocabulary entries).
-VOCAB_TENSOR_RE = r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$"
+VOCAB_TENSOR_RE = r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$"
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,11 @@ class MergeOptions:
             kwargs["max_shard_size"] = parse_size(kwargs["max_shard_size"], "max shard size")
         if "out_dtype" in kwargs:
             kwargs["out_dtype"] = parse_out_dtype(kwargs["out_dtype"])
+        if kwargs.get("alpha") is not None:
+            try:
+                kwargs["alpha"] = float(kwargs["alpha"])
+            except (TypeError, ValueError):
+                raise OptionsError(f"alpha: {kwargs['alpha']!r} is not a number") from None
         if "rules" in kwargs and kwargs["rules"] is not None:
             kwargs["rules"] = tuple(r if isinstance(r, Rule) else Rule.parse(r) for r in kwargs["rules"])
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "out_dtype"}

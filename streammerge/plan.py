@@ -198,6 +198,11 @@ def build_plan(
     reasons: dict[str, int] = {}
 
     def copy(ref: TensorRef, reason: str) -> None:
+        if kind == "vector" and ref.dtype.startswith(("F", "BF", "C")):
+            # A vector holds differences: copying grpo's own weights in would be added to every target by apply.
+            # Leave the tensor out; `apply --missing copy-target` then keeps the target's values for it.
+            skipped.append(ref.name)
+            return
         op, dtype = Op.COPY, ref.dtype
         if options.out_dtype and ref.dtype in BLENDABLE_DTYPES and options.out_dtype != ref.dtype:
             op, dtype = Op.CONVERT, options.out_dtype

@@ -12,7 +12,7 @@ import torch
 from .api import _open_all
 from .checkpoint import Checkpoint
 from .errors import StreamMergeError
-from .format import read_header
+from .format import DTYPE_BITS, read_header
 from .options import MergeOptions
 from .plan import build_plan
 from .writer import STATE_COMPLETE, read_manifest, sha256_file
@@ -64,6 +64,8 @@ def verify(
     """
     out_dir = Path(out)
     report = VerifyReport(str(out_dir))
+    if sample < 0:
+        raise StreamMergeError(f"verify: --sample must be 0 or more, got {sample}")
     given = [x is not None for x in (target, sft, grpo)]
     if any(given) and not all(given):
         raise StreamMergeError("verify: give all of --target, --sft and --grpo, or none")
@@ -116,10 +118,19 @@ def _recompute(
     out_dir: Path, manifest: dict, target, sft, grpo, full: bool, sample: int, seed: int, report: VerifyReport
 ) -> None:
     from .engines import EngineStats
-    from .engines.cpu import CpuEngine, iter_work
+    from .engines.cpu import SUB_BLOCK_ELEMS, CpuEngine, iter_work
+    from .options import Rule
+    from .plan import Op
 
     o = manifest.get("options", {})
+    if o.get("kind", "merge") != "merge":
+        raise StreamMergeError(
+            f"{out_dir}: a {o.get('kind')} output; recomputation against --target/--sft/--grpo applies to merges only "
+            "(structure and checksums were checked)"
+        )
     opts = MergeOptions.create(
+        rules=tuple(Rule.parse(r) for r in o.get("rules", [])),
+        vocab_mismatch=o.get("vocab_mismatch", "error"),
         alpha=float(o.get("alpha", "1.0")),
         out_dtype=o.get("out_dtype"),
         missing=o.get("missing", "error"),
@@ -145,13 +156,11 @@ def _recompute(
                     report.fail(f"{path}: header or size differs from what these inputs and options produce")
                     return
             outs[i] = Checkpoint(path, label="output")
-        items = list(iter_work(plan))
-        report.chunks_total = len(items)
-        if not full and sample < len(items):
-            items = sorted(random.Random(seed).sample(items, sample), key=lambda it: (it.tensor.file, it.tensor.offset))
+        total = sum(1 for _ in iter_work(plan))  # a generator: no list of every chunk is kept
+        report.chunks_total = total
+        chosen = None if full or sample >= total else set(random.Random(seed).sample(range(total), sample))
+        items = (it for k, it in enumerate(iter_work(plan)) if chosen is None or k in chosen)
         buf = torch.empty(opts.chunk_bytes, dtype=torch.uint8)
-        from .engines.cpu import SUB_BLOCK_ELEMS
-
         sub = min(SUB_BLOCK_ELEMS, opts.chunk_elems)
         scratch = [(torch.empty(sub), torch.empty(sub))]
         stats = EngineStats(device="cpu")
@@ -161,21 +170,30 @@ def _recompute(
                 continue
             out_ck = outs[t.file]
             ref = out_ck.tensors[t.name]
-            if t.op.value == "copy":
-                want = ckpts["target"].view(t.target, item.start, item.stop)
-                got = out_ck.view(ref, item.start, item.stop)
+            if item.op is Op.COPY:
+                a, b = item.start, item.stop
+                want = ckpts["target"].view(t.target, a, b)
             else:
                 CpuEngine._compute(t, item, ckpts, buf, scratch, opts, stats)
-                isz = {"BF16": 2, "F16": 2, "F32": 4}[t.dtype]
-                n = (item.stop - item.start) * isz
-                want = buf[:n]
-                got = out_ck.view(ref, item.start * isz, item.start * isz + n)
+                isz = DTYPE_BITS[t.dtype] // 8
+                a, b = item.start * isz, item.stop * isz
+                want = buf[: b - a]
+            got = out_ck.view(ref, a, b)
             report.chunks_checked += 1
-            if not torch.equal(want, got):
-                diff = int((want != got).sum())
+            same = torch.equal(want, got)
+            del want, got
+            out_ck.release(ref, a, b)  # keep resident memory flat on a --full pass over a 70B output
+            for label, r in (("target", t.target), ("sft", t.sft), ("grpo", t.grpo)):
+                if r is not None:
+                    isz_in = DTYPE_BITS[r.dtype] // 8
+                    lo, hi = (a, b) if item.op is Op.COPY else (item.start * isz_in, item.stop * isz_in)
+                    if hi <= r.nbytes:
+                        ckpts[label].release(r, lo, hi)
+            if not same:
+                unit = "bytes" if item.op is Op.COPY else "elements"
                 report.fail(
                     f"{out_dir / plan.files[t.file].name}: tensor {t.name!r} differs from the recomputed merge "
-                    f"({diff} byte(s) in elements [{item.start}, {item.stop}))"
+                    f"(in {unit} [{item.start}, {item.stop}))"
                 )
                 return
     finally:

@@ -92,6 +92,7 @@ class OutputWriter:
         self.notes: list[str] = []
         self.bytes_written = 0
         self.external_digest = False
+        self._created: set[int] = set()  # temporaries this run created (the only ones abort removes)
 
     # ------------------------------------------------------------------ setup
     def open(self) -> None:
@@ -170,8 +171,8 @@ class OutputWriter:
             ]
             raise OutputError(
                 f"{self.out_dir}: cannot resume: the interrupted merge used different "
-                f"{', '.join(diffs) or 'settings'}. Resume with exactly the same inputs and options, or pass "
-                "--overwrite to start over"
+                f"{', '.join(diffs) or 'settings'}. Resume with exactly the same inputs and options, or run without "
+                "--resume and with --overwrite to start over"
             )
         for p in self._stale_partials():
             p.unlink(missing_ok=True)
@@ -204,6 +205,7 @@ class OutputWriter:
         except OSError as e:
             raise OutputError(f"{tmp}: cannot create ({e.strerror or e})") from None
         self._fds[i] = fd
+        self._created.add(i)
         try:
             # Reserve the space now: a full disk fails here, before hours of work, not in the middle.
             if size > len(header):
@@ -221,7 +223,13 @@ class OutputWriter:
         self._cursor[i] = len(header)
 
     def _write_error(self, name: str, e: OSError) -> OutputError:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if e.errno == errno.EFBIG:
+            return OutputError(
+                f"{self.out_dir / name}: file too large for this filesystem or the process's file-size limit "
+                f"({e.strerror}); use a smaller --max-shard-size (FAT32 and some mounts cap files at 4 GB), then "
+                "run again with --resume"
+            )
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             try:
                 free = shutil.disk_usage(self.out_dir).free
             except OSError:
@@ -345,9 +353,9 @@ class OutputWriter:
                 except OSError:
                     pass
                 self._fds[i] = None
-        for p in self._temps:
+        for i in self._created:
             try:
-                p.unlink()
+                self._temps[i].unlink()
             except OSError:
                 pass
 

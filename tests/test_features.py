@@ -146,3 +146,47 @@ def test_extract_bf16_and_cli(tmp_path):
     with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as h:
         assert h.metadata()["streammerge_formula"] == "target + alpha * vector"
         assert h.metadata()["streammerge_alpha"] == "-1.0"
+
+
+def test_extract_leaves_out_what_a_copy_policy_would_copy(tmp_path):
+    def add_new(t, s, g):
+        g["new.weight"] = torch.full((4,), 3.0, dtype=torch.bfloat16)
+        t["new.weight"] = torch.full((4,), 1.0, dtype=torch.bfloat16)
+
+    dirs, (t, s, g) = _trio(tmp_path, mutate=add_new)
+    r = streammerge.extract(dirs[1], dirs[2], tmp_path / "v", missing="copy-target")
+    assert "new.weight" not in load_all(tmp_path / "v") and r.tensors_copied == 0
+    streammerge.apply(dirs[0], tmp_path / "v", tmp_path / "a", device="cpu", missing="copy-target")
+    streammerge.merge(*dirs, tmp_path / "m", device="cpu", missing="copy-target")
+    A, M = load_all(tmp_path / "a"), load_all(tmp_path / "m")
+    assert float(A["new.weight"][0]) == 1.0 and all(_bits_equal(A[k], M[k]) for k in M)
+
+
+def test_apply_refuses_a_model_that_is_not_a_vector(tmp_path):
+    dirs, _ = _trio(tmp_path)
+    with pytest.raises(OptionsError, match="not a vector written by `streammerge extract`"):
+        streammerge.apply(dirs[0], dirs[1], tmp_path / "o", device="cpu")
+    assert not (tmp_path / "o").exists()
+    r = runner.invoke(app, ["apply", str(dirs[0]), str(dirs[1]), "-o", str(tmp_path / "o"), "--any-vector"])
+    assert r.exit_code == 0, r.output
+
+
+def test_verify_recomputes_outputs_made_with_rules_and_vocab_policy(tmp_path):
+    dirs, _ = _trio(tmp_path, mutate=_resize)
+    out = tmp_path / "out"
+    streammerge.merge(
+        *dirs, out, device="cpu", rules=["self_attn=0.5", "norm=skip"], vocab_mismatch="common-rows", chunk_bytes=4096
+    )
+    r = streammerge.verify(out, *dirs, full=True)
+    assert r.ok, r.problems
+    assert r.chunks_checked == r.chunks_total > 4
+
+
+def test_options_object_plus_keywords_keeps_rules_and_alpha_strings_are_numbers(tmp_path):
+    dirs, _ = _trio(tmp_path)
+    opts = streammerge.MergeOptions.create(rules=["self_attn=0.5"])
+    p = streammerge.plan(*dirs, options=opts, alpha=0.25)
+    assert p.options.rules == opts.rules and p.options.alpha == 0.25
+    assert streammerge.MergeOptions.create(alpha="0.5").alpha == 0.5
+    with pytest.raises(OptionsError, match="not a number"):
+        streammerge.MergeOptions.create(alpha="half")

@@ -172,3 +172,14 @@ def test_plan_reads_remote_headers_without_downloading(hub_cache, tmp_path, monk
     local = streammerge.plan(*dirs)
     assert p.summary()["bytes_read"] == local.summary()["bytes_read"] and p.merged == local.merged
     assert not (tmp_path / "hf" / "hub" / "models--remote--t").exists()  # nothing downloaded
+
+
+def test_invalid_repo_id_or_mistyped_path_is_one_clear_line(hub_cache, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "streammerge", "plan", "org/a--b", "org/sft", "org/grpo"],
+        capture_output=True,
+        text=True,
+        env=_fresh_env(tmp_path),
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert "org/a--b" in r.stderr

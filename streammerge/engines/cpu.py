@@ -73,38 +73,44 @@ def _ranges(total: int, step: int) -> Iterator[tuple[int, int]]:
         yield a, min(total, a + step)
 
 
+def _tensor_items(t: OutTensor, elems: int, chunk_bytes: int) -> Iterator[WorkItem]:
+    if t.op is Op.COPY:
+        yield from (WorkItem(t, a, b) for a, b in _ranges(t.nbytes, chunk_bytes))
+    elif t.op is Op.CONVERT:
+        yield from (WorkItem(t, a, b) for a, b in _ranges(t.numel, elems))
+    else:
+        yield from (WorkItem(t, a, b) for a, b in _ranges(t.blended, elems))
+        if t.blended < t.numel:  # vocab common-rows: the target's own rows
+            if t.dtype == t.target.dtype:
+                isz = _elem_size(t.dtype)
+                for a, b in _ranges((t.numel - t.blended) * isz, chunk_bytes):
+                    yield WorkItem(t, t.blended * isz + a, t.blended * isz + b, op=Op.COPY)
+            else:
+                for a, b in _ranges(t.numel - t.blended, elems):
+                    yield WorkItem(t, t.blended + a, t.blended + b, op=Op.CONVERT)
+    if t.nbytes == 0:
+        yield WorkItem(t, 0, 0)  # zero-element tensors still count as done
+
+
 def iter_work(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[WorkItem]:
-    """Chunks in output order, skipping files in ``skip``; each file's last chunk is flagged so it can be finished."""
+    """Chunks in output order, skipping files in ``skip``; the last chunk of each tensor and of each file is flagged
+    (one item of lookahead: nothing here grows with tensor, shard or model size)."""
     elems = plan.options.chunk_elems
     for i, f in enumerate(plan.files):
         if i in skip:
             continue
-        items: list[WorkItem] = []
+        prev: WorkItem | None = None
         for t in f.tensors:
-            mine: list[WorkItem] = []
-            if t.op is Op.COPY:
-                mine += [WorkItem(t, a, b) for a, b in _ranges(t.nbytes, plan.options.chunk_bytes)]
-            elif t.op is Op.CONVERT:
-                mine += [WorkItem(t, a, b) for a, b in _ranges(t.numel, elems)]
-            else:
-                mine += [WorkItem(t, a, b) for a, b in _ranges(t.blended, elems)]
-                if t.blended < t.numel:  # vocab common-rows: the target's own rows
-                    if t.dtype == t.target.dtype:
-                        isz = _elem_size(t.dtype)
-                        for a, b in _ranges((t.numel - t.blended) * isz, plan.options.chunk_bytes):
-                            mine.append(WorkItem(t, t.blended * isz + a, t.blended * isz + b, op=Op.COPY))
-                    else:
-                        for a, b in _ranges(t.numel - t.blended, elems):
-                            mine.append(WorkItem(t, t.blended + a, t.blended + b, op=Op.CONVERT))
-            if not mine:
-                mine.append(WorkItem(t, 0, 0))
-            mine[-1].last_of_tensor = True
-            items += mine
-        if items:
-            items[-1].last_of_file = True
-        else:
-            items.append(WorkItem(None, 0, 0, True))  # type: ignore[arg-type]  # a file with no tensors
-        yield from items
+            for item in _tensor_items(t, elems, plan.options.chunk_bytes):
+                if prev is not None:
+                    prev.last_of_tensor = prev.tensor is not item.tensor
+                    yield prev
+                prev = item
+        if prev is None:
+            prev = WorkItem(None, 0, 0)  # type: ignore[arg-type]  # a file with no tensors
+        prev.last_of_tensor = True
+        prev.last_of_file = True
+        yield prev
 
 
 class _Failure:
@@ -193,18 +199,27 @@ class CpuEngine:
                 out.append((ck, ref, item.start * isz, item.stop * isz))
             return out
 
+        def hand_over(item) -> bool:
+            """Queue ``item`` for the compute thread unless the merge is stopping (never blocks forever)."""
+            while not stop.is_set():
+                try:
+                    prefetch_q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def prefetcher() -> None:
             try:
                 for item in iter_work(plan, skip):
-                    if stop.is_set():
-                        return
                     for ck, ref, a, b in refs(item):
                         ck.prefetch(ref, a, b)
-                    prefetch_q.put(item)
-                prefetch_q.put(None)
+                    if not hand_over(item):
+                        return
+                hand_over(None)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 failure.set(e)
-                prefetch_q.put(None)
+                hand_over(None)
 
         def report(nbytes: int, tensor_done: OutTensor | None, out_written: int) -> None:
             with lock:
@@ -302,7 +317,7 @@ class CpuEngine:
                 pass
             write_q.put(None)
             for th in threads:
-                th.join(timeout=30)
+                th.join()  # after a failure they only drain; the caller removes temporaries once they are done
             raise
         peak = max(peak, rss_anon())
         stats.peak_rss_anon = peak
@@ -386,6 +401,9 @@ def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -
     return total
 
 
+_NONFINITE_LOCK = threading.Lock()
+
+
 def _count_nonfinite(t: OutTensor, out: torch.Tensor, inputs, strict: bool, stats: EngineStats) -> None:
     bad = ~torch.isfinite(out)
     if not bad.any():
@@ -400,7 +418,8 @@ def _count_nonfinite(t: OutTensor, out: torch.Tensor, inputs, strict: bool, stat
                 "(overflow in the output dtype?); --strict refuses this output. Lower |alpha|, use --out-dtype fp32, "
                 "or drop --strict to write it anyway"
             )
-        stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + n
+        with _NONFINITE_LOCK:  # several workers may count sub-blocks of one tensor
+            stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + n
 
 
 def _elem_size(dtype: str) -> int:

@@ -1271,6 +1271,22 @@ class CudaEngine:
             if progress is not None:
                 progress(Progress(b, total_bytes, n, total_tensors, tensor_done.name if tensor_done else ""))
 
+        # The output's SHA-256 is computed beside the pwrite rather than after it (hashlib and pwrite both release the
+        # GIL): on the way to disk the writer thread is the critical path, and hashing ~2 GB/s on one core is as slow
+        # as the page-cache copy. Writers without ``digest`` hash inside ``write`` as before.
+        digest = getattr(writer, "digest", None)
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="sm-digest") if digest is not None else None
+        if hasher is not None:
+            writer.external_digest = True
+
+        def write_out(file: int, offset: int, data) -> None:
+            fut = hasher.submit(digest, file, offset, data) if hasher is not None else None
+            try:
+                writer.write(file, offset, data)
+            finally:
+                if fut is not None:
+                    fut.result()  # in order: one hashing thread, and each chunk waits for its own digest
+
         def write_loop() -> None:
             be.bind_thread()  # events of this GPU are synchronised from here
             while True:
@@ -1291,9 +1307,9 @@ class CudaEngine:
                     if t is not None and item.stop > item.start:
                         if job.kind == "slot":
                             data = buf.host_out[job.slot][: _out_bytes(t, item)]
-                            writer.write(t.file, t.offset + _out_offset(t, item), data.numpy())
+                            write_out(t.file, t.offset + _out_offset(t, item), data.numpy())
                         else:
-                            writer.write(t.file, t.offset + item.start, job.view.numpy())  # type: ignore[union-attr]
+                            write_out(t.file, t.offset + item.start, job.view.numpy())  # type: ignore[union-attr]
                             # Drop the copied pages from this process, unless a registered window holds them: pages
                             # pinned for DMA are left mapped (an unregistration drops them later).
                             a, b = t.target.offset + item.start, t.target.offset + item.stop
@@ -1455,11 +1471,11 @@ class CudaEngine:
             except Exception as e:  # noqa: BLE001 - a broken device: report the original error, not this one
                 stats.notes.append(f"cuda engine: device synchronisation after a failure failed ({e})")
             runner.close()
-            for ex in pool:
+            for ex in [*pool, *([hasher] if hasher else [])]:
                 ex.shutdown(wait=True)
             raise
         runner.close()
-        for ex in pool:
+        for ex in [*pool, *([hasher] if hasher else [])]:
             ex.shutdown(wait=True)
 
         # ---- stats
