@@ -45,6 +45,7 @@ import ctypes
 import dataclasses
 import importlib
 import mmap
+import os
 import queue
 import random
 import threading
@@ -816,8 +817,10 @@ class _WindowRunner:
         failure: _Failure,
         timers: dict[str, float],
         threads: int = 1,
+        files: dict[Key, tuple[Checkpoint, int]] | None = None,
     ):
         self.be = be
+        self.files = files or {}
         self.plan = wplan
         self.maps = maps
         self.bases = bases
@@ -1022,8 +1025,16 @@ class _WindowRunner:
                 and w.start < self.plan.windows[o].stop
                 for o in others
             ):
-                # Drop the pages from this process (the page cache keeps them): RSS does not grow with the model.
+                # Drop the pages from this process: RSS does not grow with the model. The page cache keeps them,
+                # unless the inputs cannot stay cached anyway (Checkpoint.drop_cache, set by the merge for inputs
+                # larger than half the available memory): then they leave the cache too, as with the CPU engine.
                 self._advise(w, mmap.MADV_DONTNEED)
+                ck, fi = self.files.get(w.key, (None, 0))
+                if ck is not None and getattr(ck, "drop_cache", False) and hasattr(os, "posix_fadvise"):
+                    try:
+                        os.posix_fadvise(ck.fd(fi), w.start, w.nbytes, os.POSIX_FADV_DONTNEED)
+                    except OSError:
+                        pass
         finally:
             with self.cond:
                 self.status[wid] = _RELEASED
@@ -1218,8 +1229,9 @@ class CudaEngine:
         failure = _Failure()
         lock = threading.Lock()
         done = {"bytes": 0, "tensors": 0}
+        files = {key: (ckpts[key[0]], key[1]) for key in maps}
         runner = _WindowRunner(
-            be, wplan, maps, bases, self.register_windows, failure, timers, threads=self.register_threads
+            be, wplan, maps, bases, self.register_windows, failure, timers, threads=self.register_threads, files=files
         )
         write_q: queue.Queue = queue.Queue(maxsize=P + 8)
         ring = SlotRing(P)
