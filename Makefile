@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_CPU ?= torch==2.13.0
 STAMP := build/.installed
 
-.PHONY: install demo test lint format bench bench-smoke wheel clean
+.PHONY: install demo test lint format bench bench-smoke gpu-check wheel clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
@@ -33,6 +33,10 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(PYTHON) -m benchmarks.run --smoke
+
+# On a machine with a CUDA GPU (one shot, ~6 minutes): cuda tests, CPU vs CUDA SHA-256, kernel vs copy, pipeline.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check
 
 wheel: $(STAMP)
 	$(PYTHON) -m build --wheel --outdir dist .

@@ -165,6 +165,7 @@ def _print_plan(summary: dict, out: str | None) -> None:
         + (f", {_gb(s['free_disk'])} free" if s.get("free_disk") is not None else ""),
         f"memory  ~{_gb(s['expected_peak_host_memory'])} host buffers (chunk {_gb(s['chunk_bytes'])}, "
         f"{s['chunks']} chunks); independent of model size",
+        f"gpu     ~{_gb(s['expected_gpu_memory'])} device buffers with --device cuda",
     ]
     for rule_text, hits in s.get("rule_hits", {}).items():
         lines.append(f"rule    {rule_text}: {hits} tensor(s)")

@@ -132,11 +132,17 @@ class MergePlan:
     def parameters(self) -> int:
         return sum(t.numel for t in self.tensors)
 
-    def expected_peak_memory(self, device: str = "cpu") -> int:
-        """Host buffers the engine allocates: a bound on anonymous memory growth, independent of model size."""
+    def expected_peak_memory(self) -> int:
+        """Host buffers the CPU engine allocates: a bound on anonymous memory growth, independent of model size."""
         from .engines.cpu import host_buffer_bytes
 
         return host_buffer_bytes(self.options.chunk_bytes, self.options.threads)
+
+    def expected_gpu_memory(self) -> int:
+        """Device buffers the CUDA engine allocates (slots x (3 inputs + 1 output) x chunk, plus fixed extras)."""
+        from .engines.cuda import device_memory_bytes
+
+        return device_memory_bytes(self.options.chunk_bytes, check_finite=self.options.check_finite)
 
     def index_json(self) -> str:
         weight_map = {t.name: self.files[t.file].name for t in sorted(self.tensors, key=lambda t: t.name)}
@@ -163,6 +169,7 @@ class MergePlan:
             "chunk_bytes": self.options.chunk_bytes,
             "chunks": self.chunks,
             "expected_peak_host_memory": self.expected_peak_memory(),
+            "expected_gpu_memory": self.expected_gpu_memory(),
             "warnings": list(self.warnings),
         }
 
