@@ -156,7 +156,19 @@ def plan(
             c.close()
 
 
-def select_engine(device: str, threads: int | None = None):
+def _cuda_engine(opts: MergeOptions | None):
+    from .engines.cuda import DEFAULT_WINDOW_BYTES, CudaEngine
+
+    if opts is None:
+        return CudaEngine()
+    return CudaEngine(
+        window_bytes=opts.gpu_window_bytes or DEFAULT_WINDOW_BYTES,
+        register_windows=opts.gpu_register,
+        slots=opts.gpu_slots,
+    )
+
+
+def select_engine(device: str, threads: int | None = None, opts: MergeOptions | None = None):
     """The engine for ``device`` ("auto", "cpu", "cuda") and a note saying why it was chosen."""
     if device == "cpu":
         from .engines.cpu import CpuEngine
@@ -166,13 +178,9 @@ def select_engine(device: str, threads: int | None = None):
     if device == "cuda":
         if not cuda_ok:
             raise EngineError(f"--device cuda: {why}; use --device cpu or auto")
-        from .engines.cuda import CudaEngine
-
-        return CudaEngine(), "cuda (requested)"
+        return _cuda_engine(opts), "cuda (requested)"
     if cuda_ok:
-        from .engines.cuda import CudaEngine
-
-        return CudaEngine(), "cuda (auto: GPU and triton found)"
+        return _cuda_engine(opts), "cuda (auto: GPU and triton found)"
     from .engines.cpu import CpuEngine
 
     return CpuEngine(threads), f"cpu (auto: {why})"
@@ -276,7 +284,7 @@ def _execute(
     if sink == "disk":
         _check_paths(out_dir, ckpts)
         check_disk_space(p, out_dir)
-    engine, engine_note = select_engine(opts.device, opts.threads)
+    engine, engine_note = select_engine(opts.device, opts.threads, opts)
     available = available_memory()
     if available is not None and p.bytes_read > available // 2:
         for ck in ckpts.values():

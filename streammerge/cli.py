@@ -207,6 +207,13 @@ def merge(
     rule: RuleOpt = None,
     rules: RulesFileOpt = None,
     threads: ThreadsOpt = None,
+    gpu_window_size: Annotated[
+        str | None, typer.Option("--gpu-window-size", help="CUDA: input window registered with the GPU (256MiB).")
+    ] = None,
+    gpu_staging: Annotated[
+        bool, typer.Option("--gpu-staging", help="CUDA: copy inputs through pinned staging buffers, no registration.")
+    ] = False,
+    gpu_slots: Annotated[int, typer.Option("--gpu-slots", help="CUDA: chunks in flight on the device.")] = 2,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a previous streammerge output in OUT.")
     ] = False,
@@ -264,6 +271,9 @@ def merge(
             rule=rule,
             rules_file=rules,
             threads=threads,
+            gpu_window_bytes=gpu_window_size,
+            gpu_register=not gpu_staging,
+            gpu_slots=gpu_slots,
             overwrite=overwrite,
             check_finite=check_finite or strict,
             strict=strict,

@@ -214,6 +214,10 @@ class MergeOptions:
         rules (`tuple[Rule, ...]`): per-tensor alpha / copy-target / skip by regular expression, first match wins.
         vocab_mismatch (`str`): embedding/lm_head row counts differ between target and sft/grpo: "error",
             "common-rows" (blend the shared rows, keep the target's others) or "copy-target".
+        gpu_window_bytes (`int | None`): CUDA engine: size of the input windows registered with the GPU.
+        gpu_register (`bool`): CUDA engine: DMA straight from registered page-cache windows; False uses pinned
+            staging buffers filled by host threads.
+        gpu_slots (`int`): CUDA engine: device slots (3 inputs + 1 output of one chunk each) in flight.
     """
 
     alpha: float = 1.0
@@ -232,6 +236,9 @@ class MergeOptions:
     strict: bool = False
     rules: tuple[Rule, ...] = ()
     vocab_mismatch: str = "error"
+    gpu_window_bytes: int | None = None
+    gpu_register: bool = True
+    gpu_slots: int = 2
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -248,6 +255,8 @@ class MergeOptions:
                 kwargs["alpha"] = float(kwargs["alpha"])
             except (TypeError, ValueError):
                 raise OptionsError(f"alpha: {kwargs['alpha']!r} is not a number") from None
+        if kwargs.get("gpu_window_bytes") is not None:
+            kwargs["gpu_window_bytes"] = parse_size(kwargs["gpu_window_bytes"], "GPU window size")
         if "rules" in kwargs and kwargs["rules"] is not None:
             kwargs["rules"] = tuple(r if isinstance(r, Rule) else Rule.parse(r) for r in kwargs["rules"])
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "out_dtype"}
@@ -278,6 +287,8 @@ class MergeOptions:
         _check_choice("--vocab-mismatch", self.vocab_mismatch, VOCAB_POLICIES)
         for r in self.rules:
             r.checked()
+        if self.gpu_slots < 1:
+            raise OptionsError(f"GPU slots: must be at least 1, got {self.gpu_slots}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads: must be at least 1, got {self.threads}")
 

@@ -163,3 +163,13 @@ def test_demo_runs(tmp_path):
     assert "merged" in r.output and "GB/s" in r.output
     merged = load_all(tmp_path / "demo" / "merged")
     assert merged and all(isinstance(v, torch.Tensor) for v in merged.values())
+
+
+def test_gpu_options_reach_the_cuda_engine():
+    from streammerge.api import _cuda_engine
+    from streammerge.options import MergeOptions
+
+    e = _cuda_engine(MergeOptions.create(gpu_window_bytes="64MiB", gpu_register=False, gpu_slots=3))
+    assert (e.window_bytes, e.register_windows, e.slots) == (64 * 2**20, False, 3)
+    r = _invoke("merge", "a", "b", "c", "-o", "x", "--gpu-slots", "0")
+    assert r.exit_code == 1 and "GPU slots" in r.output
