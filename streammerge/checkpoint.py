@@ -6,6 +6,7 @@ Nothing in an input directory is ever written: files are opened ``O_RDONLY`` and
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import stat
@@ -63,10 +64,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class Checkpoint:

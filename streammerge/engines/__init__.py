@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -32,3 +34,31 @@ class Progress:
     tensors_total: int
     tensor: str = ""
     phase: str = "merge"
+
+
+class ProgressCounter:
+    """Counts bytes and finished tensors from any thread into ``stats`` and calls the progress callback."""
+
+    def __init__(
+        self, stats: EngineStats, progress: Callable[[Progress], None] | None, total_bytes: int, total_tensors: int
+    ):
+        self.stats = stats
+        self.progress = progress
+        self.total_bytes = total_bytes
+        self.total_tensors = total_tensors
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._tensors = 0
+
+    def __call__(self, nbytes: int, tensor_done, out_written: int) -> None:
+        """Record ``nbytes`` moved (of which ``out_written`` written); ``tensor_done`` when a tensor completed."""
+        with self._lock:
+            self._bytes += nbytes
+            self.stats.bytes_written += out_written
+            self.stats.bytes_read += nbytes - out_written
+            if tensor_done is not None:
+                self._tensors += 1
+            b, n = self._bytes, self._tensors
+        if self.progress is not None:
+            name = tensor_done.name if tensor_done is not None else ""
+            self.progress(Progress(b, self.total_bytes, n, self.total_tensors, name))

@@ -23,7 +23,7 @@ from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor
 from ..writer import OutputWriter
-from . import EngineStats, Progress
+from . import EngineStats, Progress, ProgressCounter
 
 # Output slots in flight between the compute thread and the writer thread: one being written, one being filled, one
 # spare to absorb jitter in write latency (each costs chunk_bytes of host memory).
@@ -178,8 +178,6 @@ class CpuEngine:
         skip = writer.done_files
         total_bytes = work_bytes(plan, skip)
         total_tensors = sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
-        done = {"bytes": 0, "tensors": 0}
-        lock = threading.Lock()
         timers = {"compute": 0.0, "write": 0.0, "wait_slot": 0.0}
 
         def refs(item: WorkItem) -> list[tuple[Checkpoint, TensorRef, int, int]]:
@@ -221,16 +219,7 @@ class CpuEngine:
                 failure.set(e)
                 hand_over(None)
 
-        def report(nbytes: int, tensor_done: OutTensor | None, out_written: int) -> None:
-            with lock:
-                done["bytes"] += nbytes
-                stats.bytes_written += out_written
-                stats.bytes_read += nbytes - out_written
-                if tensor_done is not None:
-                    done["tensors"] += 1
-                b, n = done["bytes"], done["tensors"]
-            if progress is not None:
-                progress(Progress(b, total_bytes, n, total_tensors, tensor_done.name if tensor_done else ""))
+        report = ProgressCounter(stats, progress, total_bytes, total_tensors)
 
         def write_loop() -> None:
             while True:

@@ -62,7 +62,7 @@ from ..errors import EngineError, NonFiniteError, OptionsError, StreamMergeError
 from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor
-from . import EngineStats, Progress
+from . import EngineStats, Progress, ProgressCounter
 from .cpu import WorkItem, _elem_size, _Failure, _file_of, _out_bytes, _out_offset, iter_work, work_bytes
 
 # Device slots: 2 give the full three-stage overlap (H2D of chunk g+1, kernel of g and D2H of g-1 touch different
@@ -1227,8 +1227,6 @@ class CudaEngine:
 
         timers = collections.defaultdict(float)
         failure = _Failure()
-        lock = threading.Lock()
-        done = {"bytes": 0, "tensors": 0}
         files = {key: (ckpts[key[0]], key[1]) for key in maps}
         runner = _WindowRunner(
             be, wplan, maps, bases, self.register_windows, failure, timers, threads=self.register_threads, files=files
@@ -1272,16 +1270,7 @@ class CudaEngine:
         prof: list[list] = [[be.event(timing=True) for _ in range(6)] for _ in gpu_items] if self.profile else []
         be.record(s_in, ev_start)
 
-        def report(nbytes: int, tensor_done: OutTensor | None, out_written: int) -> None:
-            with lock:
-                done["bytes"] += nbytes
-                stats.bytes_written += out_written
-                stats.bytes_read += nbytes - out_written
-                if tensor_done is not None:
-                    done["tensors"] += 1
-                b, n = done["bytes"], done["tensors"]
-            if progress is not None:
-                progress(Progress(b, total_bytes, n, total_tensors, tensor_done.name if tensor_done else ""))
+        report = ProgressCounter(stats, progress, total_bytes, total_tensors)
 
         # The output's SHA-256 is computed beside the pwrite rather than after it (hashlib and pwrite both release the
         # GIL): on the way to disk the writer thread is the critical path, and hashing ~2 GB/s on one core is as slow
