@@ -9,7 +9,6 @@ is redone rather than reused.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 import time
@@ -34,25 +33,17 @@ SIZE_TOLERANCE = 0.25
 DTYPE = "BF16"
 # Free disk to keep beyond a new trio and the outputs of one size (other work shares the disk).
 DISK_HEADROOM_BYTES = 5_000_000_000
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
 
 
 def parse_size(text: str) -> int:
-    """``"0.5GB"`` -> 500000000 (decimal units as huggingface_hub; KiB/MiB/GiB binary)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}; use e.g. 500MB, 2GB, 8GB or 4GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """``"0.5GB"`` -> 500000000 (decimal units as huggingface_hub; KiB/MiB/GiB binary): streammerge's own parser."""
+    from streammerge.errors import OptionsError
+    from streammerge.options import parse_size as _parse
+
+    try:
+        return _parse(text, "size")
+    except OptionsError:
+        raise ValueError(f"cannot read size {text!r}; use e.g. 500MB, 2GB, 8GB or 4GiB") from None
 
 
 def layout_for_size(nbytes: int) -> str:
