@@ -243,16 +243,9 @@ class CpuEngine:
                             del payload
                         for ck, ref, a, b in refs(item):
                             ck.release(ref, a, b)
-                    crash_point(f"chunk:{stats.chunks_written}")
-                    stats.chunks_written += 1
-                    header = 0
-                    if item.last_of_file:
-                        fi = t.file if t is not None else _file_of(plan, item)
-                        writer.finish_file(fi)
-                        header = len(plan.files[fi].header)
+                    written = finish_chunk(plan, writer, stats, item)
                     timers["write"] += time.perf_counter() - t0
-                    out_b = _out_bytes(t, item) if t is not None else 0
-                    report(nbytes_in + out_b + header, t if item.last_of_tensor else None, out_b + header)
+                    report(nbytes_in + written, t if item.last_of_tensor else None, written)
                 except BaseException as e:  # noqa: BLE001
                     failure.set(e)
                 finally:
@@ -428,6 +421,20 @@ def _out_bytes(t: OutTensor, item: WorkItem) -> int:
 
 def _out_offset(t: OutTensor, item: WorkItem) -> int:
     return item.start if item.op is Op.COPY else item.start * _elem_size(t.dtype)
+
+
+def finish_chunk(plan: MergePlan, writer, stats: EngineStats, item: WorkItem) -> int:
+    """After a chunk is written: the crash-injection point, the chunk count, and the file's finish (sync, rename,
+    checksum) when it was the file's last chunk. Returns the output bytes the chunk accounts for (header included)."""
+    crash_point(f"chunk:{stats.chunks_written}")
+    stats.chunks_written += 1
+    t = item.tensor
+    written = _out_bytes(t, item) if t is not None else 0
+    if item.last_of_file:
+        fi = t.file if t is not None else _file_of(plan, item)
+        writer.finish_file(fi)
+        written += len(plan.files[fi].header)
+    return written
 
 
 def _file_of(plan: MergePlan, item: WorkItem) -> int:

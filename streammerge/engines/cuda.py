@@ -56,14 +56,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._faults import crash_point
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import EngineError, NonFiniteError, OptionsError, StreamMergeError
 from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor
 from . import EngineStats, Progress, ProgressCounter
-from .cpu import WorkItem, _elem_size, _Failure, _file_of, _out_bytes, _out_offset, iter_work, work_bytes
+from .cpu import WorkItem, _elem_size, _Failure, _out_bytes, _out_offset, finish_chunk, iter_work, work_bytes
 
 # Device slots: 2 give the full three-stage overlap (H2D of chunk g+1, kernel of g and D2H of g-1 touch different
 # slots), and bound GPU memory to 2 x 4 x chunk_bytes (512 MiB at a 64 MiB chunk) whatever the model.
@@ -1316,18 +1315,11 @@ class CudaEngine:
                             a, b = t.target.offset + item.start, t.target.offset + item.stop
                             if not runner.overlaps_occupied((canon["target"], t.target.file), a, b):
                                 ckpts["target"].release(t.target, item.start, item.stop)  # type: ignore[union-attr]
-                    crash_point(f"chunk:{stats.chunks_written}")
-                    stats.chunks_written += 1
-                    header = 0
-                    if item.last_of_file:
-                        fi = t.file if t is not None else _file_of(plan, item)
-                        writer.finish_file(fi)
-                        header = len(plan.files[fi].header)
+                    written = finish_chunk(plan, writer, stats, item)
                     timers["write"] += time.perf_counter() - t0
                     if job.kind == "slot":
                         runner.release_after(job.gpu_index)  # before the slot goes back: bounds registered bytes
-                    out_b = _out_bytes(t, item) if t is not None else 0
-                    report(job.n_in + out_b + header, t if item.last_of_tensor else None, out_b + header)
+                    report(job.n_in + written, t if item.last_of_tensor else None, written)
                 except BaseException as e:  # noqa: BLE001 - handed to the issuing thread
                     failure.set(e)
                 finally:
