@@ -6,6 +6,7 @@ on exactly what the merge would fail on.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import math
@@ -30,6 +31,24 @@ class Op(str, enum.Enum):
     CONVERT = "convert"  # the target's values rounded to another floating dtype
 
 
+@dataclass(frozen=True)
+class Term:
+    """One vector of a merge, ``alphas[k] * (plus - minus)`` for output ``k``.
+
+    ``plus``/``minus`` are checkpoint roles ("grpo"/"sft" in the three-way merge, "grpo1"/"sft1", "vector2", ... in a
+    many-vector spec); ``minus`` is None for a stored vector (``apply``). ``alphas`` has one entry per output: one,
+    or one per alpha of a sweep."""
+
+    plus: str
+    plus_ref: TensorRef
+    minus: str | None
+    minus_ref: TensorRef | None
+    alphas: tuple[float, ...]
+
+    def refs(self) -> list[tuple[str, TensorRef]]:
+        return [(self.plus, self.plus_ref)] + ([(self.minus, self.minus_ref)] if self.minus_ref is not None else [])
+
+
 @dataclass
 class OutTensor:
     name: str
@@ -37,15 +56,47 @@ class OutTensor:
     shape: tuple[int, ...]
     op: Op
     target: TensorRef
-    sft: TensorRef | None = None
-    grpo: TensorRef | None = None
+    # MERGE only: the vectors, added left to right (DESIGN.md section 2, extended in the README's "Many vectors")
+    terms: tuple[Term, ...] = ()
     reason: str = ""
     file: int = -1
     offset: int = 0  # absolute offset in the output file
-    alpha: float = 1.0  # this tensor's alpha (the options' alpha, or a rule's)
     # MERGE only: elements [0, merge_elems) are blended, the rest come from the target (vocab common-rows); None: all
     merge_elems: int | None = None
     base: bool = True  # False when extracting a vector: there is no target term (out = round(grpo - sft))
+
+    @property
+    def alpha(self) -> float:
+        """The first vector's alpha for the first output (the only one of a plain merge)."""
+        return self.terms[0].alphas[0] if self.terms else 1.0
+
+    @property
+    def sft(self) -> TensorRef | None:
+        return self.terms[0].minus_ref if self.terms else None
+
+    @property
+    def grpo(self) -> TensorRef | None:
+        return self.terms[0].plus_ref if self.terms else None
+
+    @property
+    def outputs_differ(self) -> bool:
+        """Whether the outputs of a sweep get different values for this tensor (else one result is written to all)."""
+        return any(len(set(term.alphas)) > 1 for term in self.terms)
+
+    def alphas_for(self, k: int) -> list[float]:
+        """Each vector's alpha for output ``k``."""
+        return [term.alphas[k] for term in self.terms]
+
+    def inputs(self, op: Op | None = None) -> list[tuple[str, TensorRef]]:
+        """(role, tensor) read by a chunk of ``op`` (this tensor's op by default): the target (CONVERT, COPY, or MERGE
+        unless extracting a vector), then each vector's plus and minus tensors (MERGE)."""
+        op = op or self.op
+        if op is not Op.MERGE:
+            return [("target", self.target)]
+        out = [("target", self.target)] if self.base else []
+        for term in self.terms:
+            out += term.refs()
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -57,12 +108,12 @@ class OutTensor:
         return self.numel if self.merge_elems is None else self.merge_elems
 
     def input_bytes(self) -> int:
-        """Input bytes this tensor reads: the target's, plus the blended elements of sft and grpo."""
+        """Input bytes this tensor reads: the target's, plus the blended elements of every vector's tensors."""
         if self.op is not Op.MERGE:
             return self.target.nbytes
         total = self.target.nbytes if self.base else 0
-        for ref in (self.sft, self.grpo):
-            if ref is not None:
+        for term in self.terms:
+            for _, ref in term.refs():
                 total += self.blended * DTYPE_BITS[ref.dtype] // 8
         return total
 
@@ -108,9 +159,24 @@ class MergePlan:
     disk_needed: int
     chunks: int
     warnings: list[str] = field(default_factory=list)
+    # the vectors added to the target: role names, sources and alpha (a description; the per-tensor truth is in terms)
+    vectors: list[dict] = field(default_factory=list)
+    # an alpha sweep: one single-alpha plan per output (their headers record their own alpha); empty otherwise
+    variants: list[MergePlan] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> int:
+        """Outputs this plan writes in one pass: 1, or one per alpha of a sweep."""
+        return max(1, len(self.variants))
 
     @property
     def formula(self) -> str:
+        if self.kind == "combine":
+            parts = [self.sources.get("target", "target")]
+            for v in self.vectors:
+                diff = v["vector"] if "vector" in v else f"{v['grpo']} - {v['sft']}"
+                parts.append(f"{v['alpha']!r} * ({diff})")
+            return " + ".join(parts)
         f = FORMULAS[self.kind].replace("target", self.sources.get("target", "target"))
         return f.replace("alpha", repr(float(self.options.alpha)))
 
@@ -134,13 +200,17 @@ class MergePlan:
         """Host buffers the CPU engine allocates: a bound on anonymous memory growth, independent of model size."""
         from .engines.cpu import host_buffer_bytes
 
-        return host_buffer_bytes(self.options.chunk_bytes, self.options.threads)
+        return host_buffer_bytes(self.options.chunk_bytes, self.options.threads, self.outputs)
 
     def expected_gpu_memory(self) -> int:
-        """Device buffers the CUDA engine allocates (slots x (3 inputs + 1 output) x chunk, plus fixed extras)."""
-        from .engines.cuda import device_memory_bytes
+        """Device buffers the CUDA engine allocates (slots x (inputs + outputs) x chunk, plus fixed extras)."""
+        from .engines.cuda import DEFAULT_DEVICE_SLOTS, device_memory_bytes
 
-        return device_memory_bytes(self.options.chunk_bytes, check_finite=self.options.check_finite)
+        o = self.options
+        inputs = max([len(t.inputs()) for t in self.tensors if t.op is Op.MERGE] or [3])
+        return device_memory_bytes(
+            o.chunk_bytes, o.gpu_slots or DEFAULT_DEVICE_SLOTS, o.check_finite, inputs=inputs, outputs=self.outputs
+        )
 
     def index_json(self) -> str:
         weight_map = {t.name: self.files[t.file].name for t in sorted(self.tensors, key=lambda t: t.name)}
@@ -151,7 +221,9 @@ class MergePlan:
         """A JSON-friendly description: pairing counts, layout, bytes to move, disk and memory."""
         return {
             "sources": self.sources,
-            "alpha": self.options.alpha,
+            "formula": self.formula,
+            "alpha": [v.options.alpha for v in self.variants] if self.variants else self.options.alpha,
+            **({"vectors": list(self.vectors)} if self.kind == "combine" else {}),
             "tensors": len(self.tensors),
             "parameters": self.parameters,
             "merged": self.merged,
@@ -180,12 +252,28 @@ FORMULAS = {
     "merge": "target + alpha * (grpo - sft)",
     "vector": "grpo - sft",
     "apply": "target + alpha * vector",
+    "combine": "target + sum_i alpha_i * (grpo_i - sft_i)",
 }
+
+
+@dataclass
+class VectorInput:
+    """One vector to add to the target: ``alpha * (plus - minus)``; ``minus`` None for a stored vector.
+
+    ``rules`` are this vector's own ``REGEX=ALPHA`` rules (a many-vector spec); the first match sets its alpha for
+    that tensor."""
+
+    plus_role: str
+    plus: Checkpoint
+    minus_role: str | None
+    minus: Checkpoint | None
+    alpha: float
+    rules: tuple = ()
 
 
 def build_plan(
     target: Checkpoint,
-    sft: Checkpoint,
+    sft: Checkpoint | None,
     grpo: Checkpoint,
     options: MergeOptions,
     sources: dict[str, str] | None = None,
@@ -194,13 +282,31 @@ def build_plan(
     """Pair tensors and lay out the output. Raises `TensorMismatchError` listing every offending name.
 
     ``kind`` "merge" is the three-way merge; "vector" writes ``grpo - sft`` (pass grpo as ``target`` too: its
-    non-floating tensors are copied); "apply" adds a stored vector (pass the vector as ``sft`` and ``grpo``)."""
-    sources = sources or {"target": target.source, "sft": sft.source, "grpo": grpo.source}
+    non-floating tensors are copied); "apply" adds a stored vector (pass the vector as ``grpo``; ``sft`` is not
+    read)."""
+    sources = sources or {"target": target.source, "sft": sft.source, "grpo": grpo.source}  # type: ignore[union-attr]
+    minus = None if kind == "apply" else sft
+    vec = VectorInput("grpo", grpo, None if minus is None else "sft", minus, 1.0 if kind == "vector" else options.alpha)
+    return build_vector_plan(target, [vec], options, sources, kind)
+
+
+def build_vector_plan(
+    target: Checkpoint,
+    vectors: list[VectorInput],
+    options: MergeOptions,
+    sources: dict[str, str],
+    kind: str = "combine",
+) -> MergePlan:
+    """Pair every target tensor with each vector's tensors and lay out ``target + sum_i alpha_i * (plus_i - minus_i)``.
+
+    ``options.rules`` apply first (skip, copy-target, or an alpha that every vector takes for those tensors); then
+    each vector's own rules. The three-way merge, extract and apply are the one-vector cases (:func:`build_plan`)."""
     missing: list[str] = []
     shape_bad: list[str] = []
     unsupported: list[str] = []
     out: list[OutTensor] = []
     reasons: dict[str, int] = {}
+    skipped: list[str] = []
 
     def copy(ref: TensorRef, reason: str) -> None:
         if kind == "vector" and ref.dtype.startswith(("F", "BF", "C")):
@@ -217,13 +323,16 @@ def build_plan(
     # Target order by (file, offset): reading the target is sequential, and sft/grpo saved by the same library
     # follow the same order.
     rules = options.rules
-    skipped: list[str] = []
     rule_hits = {r.describe(): 0 for r in rules}
+    many = len(vectors) > 1
+    vec_rule_key = [[f"{v.plus_role if v.minus_role is None else v.minus_role + '/' + v.plus_role}: {r.describe()}"
+                     for r in v.rules] for v in vectors]
+    for keys in vec_rule_key:
+        rule_hits.update({k: 0 for k in keys})
     vocab_re = re.compile(VOCAB_TENSOR_RE)
     vocab_bad: list[str] = []
     for ref in sorted(target.tensors.values(), key=lambda r: (r.file, r.offset)):
-        s, g = sft.tensors.get(ref.name), grpo.tensors.get(ref.name)
-        alpha = options.alpha
+        forced_alpha: float | None = None
         rule = next((r for r in rules if re.search(r.pattern, ref.name)), None)
         if rule is not None:
             rule_hits[rule.describe()] += 1
@@ -233,52 +342,76 @@ def build_plan(
             if rule.action == "copy-target":
                 copy(ref, f"rule {rule.describe()}")
                 continue
-            alpha = rule.alpha  # type: ignore[assignment]
+            forced_alpha = rule.alpha
         is_float = ref.dtype.startswith(("F", "BF", "C"))
         if not is_float:
             copy(ref, f"non-floating ({ref.dtype})")
             continue
-        if s is None or g is None:
-            where = " and ".join(k for k, v in (("sft", s), ("grpo", g)) if v is None)
+        # Every vector's tensors: (role, ref or None)
+        pairs = []
+        for v in vectors:
+            if v.minus is not None:
+                pairs.append((v.minus_role, v.minus.tensors.get(ref.name)))
+            pairs.append((v.plus_role, v.plus.tensors.get(ref.name)))
+        absent = [role for role, r in pairs if r is None]
+        if absent:
             if options.missing == "copy-target":
-                copy(ref, "missing in sft/grpo")
+                copy(ref, "missing in a vector" if many else "missing in sft/grpo")
             else:
-                missing.append(f"{ref.name} (absent from {where})")
+                missing.append(f"{ref.name} (absent from {' and '.join(absent)})")
             continue
         merge_elems = None
-        if (
-            ref.shape != s.shape
-            and s.shape == g.shape
-            and len(ref.shape) >= 1
-            and ref.shape[1:] == s.shape[1:]
-            and vocab_re.search(ref.name)
-        ):
-            # Resized vocabulary: the row counts differ, everything else agrees.
-            if options.vocab_mismatch == "copy-target":
-                copy(ref, "vocab mismatch")
-                continue
-            if options.vocab_mismatch == "error":
-                vocab_bad.append(f"{ref.name}: target {_shape_str(ref)}, sft/grpo {_shape_str(s)}")
-                continue
-            row = 1
-            for d in ref.shape[1:]:
-                row *= d
-            merge_elems = min(ref.shape[0], s.shape[0]) * row
-        elif not (ref.shape == s.shape == g.shape):
-            if options.shape_mismatch == "copy-target":
-                copy(ref, "shape mismatch")
+        shapes = {r.shape for _, r in pairs}
+        if shapes != {ref.shape}:
+            per_vector_equal = all(
+                v.minus is None or v.plus.tensors[ref.name].shape == v.minus.tensors[ref.name].shape for v in vectors
+            )
+            if (
+                per_vector_equal
+                and len(ref.shape) >= 1
+                and all(len(sh) == len(ref.shape) and sh[1:] == ref.shape[1:] for sh in shapes)
+                and vocab_re.search(ref.name)
+            ):
+                # Resized vocabulary: the row counts differ, everything else agrees.
+                if options.vocab_mismatch == "copy-target":
+                    copy(ref, "vocab mismatch")
+                    continue
+                if options.vocab_mismatch == "error":
+                    vs = ", ".join(f"{role} {_shape_str(r)}" for role, r in pairs)
+                    if not many and len(pairs) == 2:
+                        vs = f"sft/grpo {_shape_str(pairs[1][1])}"
+                    vocab_bad.append(f"{ref.name}: target {_shape_str(ref)}, {vs}")
+                    continue
+                row = math.prod(ref.shape[1:])
+                merge_elems = min([ref.shape[0]] + [sh[0] for sh in shapes]) * row
             else:
-                shape_bad.append(f"{ref.name}: target {_shape_str(ref)}, sft {_shape_str(s)}, grpo {_shape_str(g)}")
-            continue
-        bad = [
-            f"{k} {r.dtype}" for k, r in (("target", ref), ("sft", s), ("grpo", g)) if r.dtype not in BLENDABLE_DTYPES
-        ]
+                if options.shape_mismatch == "copy-target":
+                    copy(ref, "shape mismatch")
+                else:
+                    vs = ", ".join(f"{role} {_shape_str(r)}" for role, r in pairs)
+                    shape_bad.append(f"{ref.name}: target {_shape_str(ref)}, {vs}")
+                continue
+        bad = [f"{k} {r.dtype}" for k, r in [("target", ref), *pairs] if r.dtype not in BLENDABLE_DTYPES]
         if bad:
             if options.unsupported_dtype == "copy-target":
                 copy(ref, "unsupported dtype")
             else:
                 unsupported.append(f"{ref.name} ({', '.join(bad)})")
             continue
+        terms = []
+        for v, keys in zip(vectors, vec_rule_key):
+            alpha = v.alpha
+            if forced_alpha is not None:
+                alpha = forced_alpha
+            else:
+                j = next((j for j, r in enumerate(v.rules) if re.search(r.pattern, ref.name)), None)
+                if j is not None:
+                    rule_hits[keys[j]] += 1
+                    alpha = v.rules[j].alpha
+            if kind == "vector":
+                alpha = 1.0
+            minus_ref = v.minus.tensors[ref.name] if v.minus is not None else None
+            terms.append(Term(v.plus_role, v.plus.tensors[ref.name], v.minus_role, minus_ref, (float(alpha),)))
         out.append(
             OutTensor(
                 ref.name,
@@ -286,24 +419,26 @@ def build_plan(
                 ref.shape,
                 Op.MERGE,
                 ref,
-                None if kind == "apply" else s,
-                g,
-                alpha=1.0 if kind == "vector" else alpha,
+                tuple(terms),
                 merge_elems=merge_elems,
                 base=kind != "vector",
             )
         )
 
-    extra = sorted((set(sft.tensors) | set(grpo.tensors)) - set(target.tensors))
+    vector_names: set[str] = set()
+    for v in vectors:
+        vector_names |= set(v.plus.tensors) | (set(v.minus.tensors) if v.minus is not None else set())
+    extra = sorted(vector_names - set(target.tensors))
+    who = "a vector" if many else "sft/grpo"
     problems = []
     if missing:
         problems.append(
-            f"{len(missing)} target tensor(s) missing from sft/grpo: {format_name_list(missing)}. "
+            f"{len(missing)} target tensor(s) missing from {who}: {format_name_list(missing)}. "
             "Pass --missing copy-target to keep the target's values for them"
         )
     if extra and options.extra == "error":
         problems.append(
-            f"{len(extra)} sft/grpo tensor(s) absent from the target: {format_name_list(extra)}. "
+            f"{len(extra)} {who} tensor(s) absent from the target: {format_name_list(extra)}. "
             "Pass --extra ignore to leave them out"
         )
     if shape_bad:
@@ -330,12 +465,21 @@ def build_plan(
             f"{format_name_list(unsupported)}. Pass --unsupported-dtype copy-target to keep the target's values"
         )
     if problems:
-        raise TensorMismatchError(
-            f"cannot pair target {sources['target']} with sft {sources['sft']} and grpo {sources['grpo']}:\n  - "
-            + "\n  - ".join(problems)
-        )
+        if kind == "combine":
+            withs = ", ".join(f"{k} {v}" for k, v in sources.items() if k != "target")
+            head = f"cannot pair target {sources['target']} with {withs}"
+        else:
+            head = f"cannot pair target {sources['target']} with sft {sources['sft']} and grpo {sources['grpo']}"
+        raise TensorMismatchError(head + ":\n  - " + "\n  - ".join(problems))
 
-    files = _layout(out, options, sources, kind)
+    described = []
+    for v in vectors:
+        d = {"grpo": v.plus_role, "sft": v.minus_role} if v.minus is not None else {"vector": v.plus_role}
+        d["alpha"] = float(v.alpha)
+        if v.rules:
+            d["rules"] = [r.describe() for r in v.rules]
+        described.append(d)
+    files = _layout(out, options, sources, kind, described)
     bytes_read = 0
     chunks = 0
     for t in out:
@@ -363,6 +507,7 @@ def build_plan(
         bytes_written=bytes_written,
         disk_needed=0,
         chunks=chunks,
+        vectors=described,
     )
     index_size = len(plan.index_json()) if plan.is_sharded else 0
     # + the model card and the manifest, a few KB
@@ -370,12 +515,43 @@ def build_plan(
     return plan
 
 
+def sweep_plan(plans: list[MergePlan]) -> MergePlan:
+    """One pass that writes every plan's output: ``plans`` differ only in alpha (one per output), so they pair the
+    same tensors into the same layout; the result reads each input once and gives each tensor one alpha per output.
+
+    Offsets are the first plan's; a writer adds each output's header-size difference (headers record the alpha)."""
+    first = plans[0]
+    files = []
+    for i, f in enumerate(first.files):
+        members = []
+        for j, t in enumerate(f.tensors):
+            others = [p.files[i].tensors[j] for p in plans]
+            if any((o.name, o.op, o.dtype, len(o.terms)) != (t.name, t.op, t.dtype, len(t.terms)) for o in others):
+                raise TensorMismatchError(f"internal error: sweep plans disagree at {f.name}:{t.name}")
+            terms = tuple(
+                dataclasses.replace(term, alphas=tuple(o.terms[n].alphas[0] for o in others))
+                for n, term in enumerate(t.terms)
+            )
+            members.append(dataclasses.replace(t, terms=terms))
+        files.append(OutFile(f.name, f.header, f.size, members))
+    return dataclasses.replace(
+        first,
+        files=files,
+        tensors=[t for f in files for t in f.tensors],
+        bytes_written=sum(p.bytes_written for p in plans),
+        disk_needed=sum(p.disk_needed for p in plans),
+        variants=list(plans),
+    )
+
+
 def _printable(path: str) -> str:
     """A source path as valid UTF-8 for the header metadata (undecodable bytes become backslash escapes)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _layout(out: list[OutTensor], options: MergeOptions, sources: dict[str, str], kind: str) -> list[OutFile]:
+def _layout(
+    out: list[OutTensor], options: MergeOptions, sources: dict[str, str], kind: str, vectors: list[dict]
+) -> list[OutFile]:
     split = split_state_dict_into_shards_factory(
         {t.name: t for t in out},
         get_storage_size=lambda t: t.nbytes,
@@ -383,15 +559,26 @@ def _layout(out: list[OutTensor], options: MergeOptions, sources: dict[str, str]
         max_shard_size=options.max_shard_size,
     )
     by_name = {t.name: t for t in out}
+    if kind == "combine":
+        described = [{k: (v if k in ("alpha", "rules") else _printable(sources[v])) for k, v in d.items()} for d in vectors]
+        specific = {
+            "streammerge_vectors": json.dumps(described, ensure_ascii=False),
+            **({"streammerge_rules": "; ".join(r.describe() for r in options.rules)} if options.rules else {}),
+            "streammerge_target": _printable(sources["target"]),
+        }
+    else:
+        specific = {
+            **({} if kind == "vector" else {"streammerge_alpha": repr(float(options.alpha))}),
+            **({"streammerge_rules": "; ".join(r.describe() for r in options.rules)} if options.rules else {}),
+            "streammerge_target": _printable(sources["target"]),
+            "streammerge_sft": _printable(sources["sft"]),
+            "streammerge_grpo": _printable(sources["grpo"]),
+        }
     metadata = {
         "format": "pt",
         "streammerge_version": __version__,
         "streammerge_formula": FORMULAS[kind],
-        **({} if kind == "vector" else {"streammerge_alpha": repr(float(options.alpha))}),
-        **({"streammerge_rules": "; ".join(r.describe() for r in options.rules)} if options.rules else {}),
-        "streammerge_target": _printable(sources["target"]),
-        "streammerge_sft": _printable(sources["sft"]),
-        "streammerge_grpo": _printable(sources["grpo"]),
+        **specific,
         **({"streammerge_out_dtype": options.out_dtype} if options.out_dtype else {}),
         **options.extra_metadata,
     }

@@ -174,7 +174,7 @@ def _recompute(
                 a, b = item.start, item.stop
                 want = ckpts["target"].view(t.target, a, b)
             else:
-                CpuEngine._compute(t, item, ckpts, buf, scratch, opts, stats)
+                CpuEngine._compute(t, item, ckpts, [buf], scratch, opts, stats)
                 isz = DTYPE_BITS[t.dtype] // 8
                 a, b = item.start * isz, item.stop * isz
                 want = buf[: b - a]
@@ -183,7 +183,7 @@ def _recompute(
             same = torch.equal(want, got)
             del want, got
             out_ck.release(ref, a, b)  # keep resident memory flat on a --full pass over a 70B output
-            for label, r in (("target", t.target), ("sft", t.sft), ("grpo", t.grpo)):
+            for label, r in t.inputs(item.op):
                 if r is not None:
                     isz_in = DTYPE_BITS[r.dtype] // 8
                     lo, hi = (a, b) if item.op is Op.COPY else (item.start * isz_in, item.stop * isz_in)

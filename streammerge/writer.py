@@ -255,8 +255,8 @@ class OutputWriter:
             done += n
         return total
 
-    def write(self, file: int, offset: int, data) -> None:
-        """Write ``data`` (any buffer) at absolute ``offset`` of output file ``file``."""
+    def write(self, file: int, offset: int, data, out: int | None = None) -> None:
+        """Write ``data`` (any buffer) at absolute ``offset`` of output file ``file`` (``out``: see `SweepWriter`)."""
         fd = self._fds[file]
         if fd is None:
             raise OutputError(f"{self.plan.files[file].name}: written after it was finished (internal error)")
@@ -268,7 +268,7 @@ class OutputWriter:
         if not self.external_digest:
             self.digest(file, offset, data)
 
-    def digest(self, file: int, offset: int, data) -> None:
+    def digest(self, file: int, offset: int, data, out: int | None = None) -> None:
         """Feed ``data`` (about to be written at ``offset``) to the file's SHA-256. Chunks come in offset order, so
         the checksum is computed as the data passes; anything out of order makes ``finish_file`` re-read the file.
         An engine may call this from its compute thread (``external_digest = True``) to keep the hashing off the
@@ -399,12 +399,12 @@ class NullWriter:
 
     external_digest = False
 
-    def write(self, file: int, offset: int, data) -> None:
+    def write(self, file: int, offset: int, data, out: int | None = None) -> None:
         self.bytes_written += memoryview(data).nbytes
         if not self.external_digest:
             self.digest(file, offset, data)
 
-    def digest(self, file: int, offset: int, data) -> None:
+    def digest(self, file: int, offset: int, data, out: int | None = None) -> None:
         h = self._hash[file]
         if h is not None:
             h.update(data)
@@ -430,3 +430,57 @@ class NullWriter:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+class SweepWriter:
+    """One pass, several outputs: the writer interface over one writer per output of an alpha sweep.
+
+    ``plan`` is the sweep plan (:func:`streammerge.plan.sweep_plan`), whose offsets are its first output's; each
+    output's header records its own alpha, so its offsets differ by its header-size difference, added here. ``out=k``
+    sends data to output ``k`` only; ``out=None`` to every output (tensors whose bytes do not depend on alpha). A file
+    one output already finished (resume) is skipped for that output; the engine skips files every output finished.
+    """
+
+    def __init__(self, plan: MergePlan, writers: list):
+        if len(writers) != len(plan.variants):
+            raise ValueError("SweepWriter: one writer per sweep output")
+        self.plan = plan
+        self.writers = writers
+        self.delta = [
+            [len(vp.files[i].header) - len(f.header) for i, f in enumerate(plan.files)] for vp in plan.variants
+        ]
+
+    @property
+    def done_files(self) -> set[int]:
+        return set.intersection(*(set(w.done_files) for w in self.writers))
+
+    @property
+    def external_digest(self) -> bool:
+        return all(w.external_digest for w in self.writers)
+
+    @external_digest.setter
+    def external_digest(self, value: bool) -> None:
+        for w in self.writers:
+            w.external_digest = value
+
+    @property
+    def notes(self) -> list[str]:
+        return [n for w in self.writers for n in w.notes]
+
+    def _targets(self, file: int, out: int | None):
+        for k in range(len(self.writers)) if out is None else (out,):
+            w = self.writers[k]
+            if file not in w.done_files:
+                yield k, w
+
+    def write(self, file: int, offset: int, data, out: int | None = None) -> None:
+        for k, w in self._targets(file, out):
+            w.write(file, offset + self.delta[k][file], data)
+
+    def digest(self, file: int, offset: int, data, out: int | None = None) -> None:
+        for k, w in self._targets(file, out):
+            w.digest(file, offset + self.delta[k][file], data)
+
+    def finish_file(self, file: int) -> None:
+        for _, w in self._targets(file, None):
+            w.finish_file(file)

@@ -503,15 +503,18 @@ def test_sim_engine_fails_cleanly_when_the_error_cannot_be_cleared(mixed_trio, t
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
+FAIL_AT = 12
+
+
 def test_sim_engine_writer_failure_propagates_without_hanging(mixed_trio, tmp_path, monkeypatch) -> None:
     from streammerge.writer import OutputWriter
 
     calls = {"n": 0}
     real_write = OutputWriter.write
 
-    def flaky(self, file, offset, data):
+    def flaky(self, file, offset, data, out=None):
         calls["n"] += 1
-        if calls["n"] == 12:
+        if calls["n"] == FAIL_AT:
             raise OutputError("disk went away (test)")
         return real_write(self, file, offset, data)
 

@@ -17,11 +17,25 @@ class EngineStats:
     peak_rss_anon: int = 0  # bytes, sampled per chunk
     peak_gpu_memory: int = 0  # bytes, torch.cuda.max_memory_allocated
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    # tensor name -> elements that became non-finite from finite inputs (check_finite only)
+    # tensor name -> elements that became non-finite from finite inputs (check_finite only), in every output
     nonfinite: dict[str, int] = field(default_factory=dict)
+    # the same for one output of a sweep only: output -> tensor name -> elements
+    nonfinite_by_output: dict[int, dict[str, int]] = field(default_factory=dict)
     bytes_read: int = 0
     bytes_written: int = 0
     notes: list[str] = field(default_factory=list)
+
+    def add_nonfinite(self, name: str, n: int, output: int | None = None) -> None:
+        """Count ``n`` elements of ``name`` that became non-finite, in output ``output`` (None: every output)."""
+        d = self.nonfinite if output is None else self.nonfinite_by_output.setdefault(output, {})
+        d[name] = d.get(name, 0) + n
+
+    def nonfinite_of(self, output: int) -> dict[str, int]:
+        """Non-finite counts of one output: the ones common to every output plus its own."""
+        d = dict(self.nonfinite)
+        for k, v in self.nonfinite_by_output.get(output, {}).items():
+            d[k] = d.get(k, 0) + v
+        return d
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,17 @@ def default_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 2) - 1))
 
 
-def host_buffer_bytes(chunk_bytes: int, workers: int | None = None) -> int:
+def output_slots(outputs: int = 1) -> int:
+    """Output slots for ``outputs`` outputs per pass: a chunk of a sweep takes one slot per output at once."""
+    return OUTPUT_SLOTS + max(1, outputs) - 1
+
+
+def host_buffer_bytes(chunk_bytes: int, workers: int | None = None, outputs: int = 1) -> int:
     """Anonymous memory the CPU engine allocates: output slots, plus per worker two fp32 sub-block buffers and the
     temporaries of one sub-block's torch ops. Independent of tensor and model size."""
     workers = workers or default_workers()
     sub = min(SUB_BLOCK_ELEMS, max(1, chunk_bytes // 4))
-    return OUTPUT_SLOTS * chunk_bytes + workers * 4 * sub * 4
+    return output_slots(outputs) * chunk_bytes + workers * 4 * sub * 4
 
 
 @dataclass
@@ -162,17 +167,19 @@ class CpuEngine:
         opts = plan.options
         chunk = opts.chunk_bytes
         elems = opts.chunk_elems
-        slots = [torch.empty(chunk, dtype=torch.uint8) for _ in range(OUTPUT_SLOTS)]
+        n_out = plan.outputs
+        n_slots = output_slots(n_out)
+        slots = [torch.empty(chunk, dtype=torch.uint8) for _ in range(n_slots)]
         sub = min(SUB_BLOCK_ELEMS, elems)
         scratch = [(torch.empty(sub), torch.empty(sub)) for _ in range(workers)]
         free_slots: queue.Queue[int] = queue.Queue()
-        for i in range(OUTPUT_SLOTS):
+        for i in range(n_slots):
             free_slots.put(i)
-        write_q: queue.Queue = queue.Queue(maxsize=OUTPUT_SLOTS + 8)
+        write_q: queue.Queue = queue.Queue(maxsize=n_slots + 8)
         prefetch_q: queue.Queue = queue.Queue(maxsize=PREFETCH_AHEAD)
         failure = _Failure()
         stop = threading.Event()
-        t_target, t_sft, t_grpo = ckpts.get("target"), ckpts.get("sft"), ckpts.get("grpo")
+        t_target = ckpts.get("target")
         # Hash output chunks on this (compute) thread, in output order: the writer thread only writes.
         writer.external_digest = True
         skip = writer.done_files
@@ -186,15 +193,10 @@ class CpuEngine:
                 return []
             if item.op is Op.COPY:
                 return [(t_target, t.target, item.start, item.stop)]
-            pairs = [(t_target, t.target)] if item.op is Op.CONVERT or t.base else []
-            if item.op is Op.MERGE:
-                pairs += [(t_sft, t.sft), (t_grpo, t.grpo)]
             out = []
-            for ck, ref in pairs:
-                if ref is None:
-                    continue
+            for role, ref in t.inputs(item.op):
                 isz = ref.nbytes // max(1, ref.numel) if ref.numel else 0
-                out.append((ck, ref, item.start * isz, item.stop * isz))
+                out.append((ckpts[role], ref, item.start * isz, item.stop * isz))
             return out
 
         def hand_over(item) -> bool:
@@ -228,7 +230,8 @@ class CpuEngine:
                     return
                 if failure.exc is not None:
                     if job[0] == "slot":
-                        free_slots.put(job[1])
+                        for sid in job[1]:
+                            free_slots.put(sid)
                     continue
                 try:
                     t0 = time.perf_counter()
@@ -236,8 +239,10 @@ class CpuEngine:
                     t = item.tensor
                     if t is not None and item.stop > item.start:
                         if kind == "slot":
-                            data = slots[payload][: _out_bytes(t, item)]
-                            writer.write(t.file, t.offset + _out_offset(t, item), data.numpy())
+                            for k, sid in enumerate(payload):
+                                data = slots[sid][: _out_bytes(t, item)]
+                                out = k if len(payload) > 1 else None
+                                writer.write(t.file, t.offset + _out_offset(t, item), data.numpy(), out=out)
                         else:
                             writer.write(t.file, t.offset + item.start, payload.numpy())
                             del payload
@@ -250,7 +255,8 @@ class CpuEngine:
                     failure.set(e)
                 finally:
                     if job[0] == "slot":
-                        free_slots.put(job[1])
+                        for sid in job[1]:
+                            free_slots.put(sid)
 
         threads = [
             threading.Thread(target=prefetcher, name="sm-prefetch", daemon=True),
@@ -275,15 +281,20 @@ class CpuEngine:
                     self._put(write_q, ("view", view, item, n_in), failure)
                     continue
                 t0 = time.perf_counter()
-                slot = free_slots.get()
+                # A sweep's chunk takes one slot per output, unless every output gets the same bytes.
+                ids = []
+                for _ in range(n_out if item.op is Op.MERGE and t.outputs_differ else 1):
+                    ids.append(free_slots.get())
                 timers["wait_slot"] += time.perf_counter() - t0
                 failure.check()
                 t0 = time.perf_counter()
-                n_in = self._compute(t, item, ckpts, slots[slot], scratch, plan.options, stats, pool)
+                n_in = self._compute(t, item, ckpts, [slots[i] for i in ids], scratch, plan.options, stats, pool)
                 if item.stop > item.start:
-                    writer.digest(t.file, t.offset + _out_offset(t, item), slots[slot][: _out_bytes(t, item)].numpy())
+                    for k, sid in enumerate(ids):
+                        data = slots[sid][: _out_bytes(t, item)].numpy()
+                        writer.digest(t.file, t.offset + _out_offset(t, item), data, out=k if len(ids) > 1 else None)
                 timers["compute"] += time.perf_counter() - t0
-                self._put(write_q, ("slot", slot, item, n_in), failure)
+                self._put(write_q, ("slot", ids, item, n_in), failure)
                 peak = max(peak, rss_anon())  # ~20 us per chunk
             write_q.put(None)
             threads[1].join()
@@ -317,58 +328,90 @@ class CpuEngine:
 
     @staticmethod
     def _compute(
-        t: OutTensor, item: WorkItem, ckpts, slot: torch.Tensor, scratch, opts, stats: EngineStats, pool=None
+        t: OutTensor, item: WorkItem, ckpts, out_slots: list[torch.Tensor], scratch, opts, stats: EngineStats, pool=None
     ) -> int:
-        """Compute one chunk into ``slot`` (sub-blocks spread over the workers); returns the input bytes it read."""
+        """Compute one chunk into ``out_slots`` (one per output: several for a sweep whose outputs differ here), its
+        sub-blocks spread over the workers; returns the input bytes it read."""
         a, b = item.start, item.stop
         n = b - a
-        out = slot[: n * _elem_size(t.dtype)].view(OUT_DTYPES[t.dtype])
+        outs = [slot[: n * _elem_size(t.dtype)].view(OUT_DTYPES[t.dtype]) for slot in out_slots]
         convert = item.op is Op.CONVERT
-        refs = [("target", t.target)] if convert or t.base else []
-        if not convert:
-            refs += [("sft", t.sft), ("grpo", t.grpo)]
-        srcs = {k: _typed_view(ckpts[k], ref, a, b) if ref is not None else None for k, ref in refs}
-        a32 = torch.tensor(t.alpha, dtype=torch.float32)
+        ins = t.inputs(item.op)
+        views = [_typed_view(ckpts[role], ref, a, b) for role, ref in ins]
+        base = convert or t.base
+        tv = views[0] if base else None
+        rest = views[1:] if base else views
+        pairs = []  # (plus, minus) views per vector
+        for term in () if convert else t.terms:
+            plus = rest.pop(0)
+            pairs.append((plus, rest.pop(0) if term.minus_ref is not None else None))
+        alphas = [[torch.tensor(x, dtype=torch.float32) for x in t.alphas_for(k)] for k in range(len(outs))]
         sub = scratch[0][0].numel()
         blocks = [(s0, min(n, s0 + sub)) for s0 in range(0, n, sub)]
 
         def work(k: int) -> None:
             d_buf, r_buf = scratch[k % len(scratch)]
             for s0, s1 in blocks[k :: len(scratch)]:
-                o = out[s0:s1]
-                v = {key: (x[s0:s1] if x is not None else None) for key, x in srcs.items()}
+                os_ = [o[s0:s1] for o in outs]
+                tb = tv[s0:s1] if tv is not None else None
                 if convert:
                     r = r_buf[: s1 - s0]
-                    r.copy_(v["target"])
-                    round_from_f32(r, t.dtype, out=o)
+                    r.copy_(tb)
+                    round_from_f32(r, t.dtype, out=os_[0])
                     continue
-                _merge_block(v.get("target"), v["sft"], v["grpo"], a32, d_buf[: s1 - s0], r_buf[: s1 - s0], t.dtype, o)
+                pb = [(p[s0:s1], m[s0:s1] if m is not None else None) for p, m in pairs]
+                _merge_block(tb, pb, alphas, d_buf[: s1 - s0], r_buf[: s1 - s0], t.dtype, os_)
                 if opts.check_finite:
-                    _count_nonfinite(t, o, [x for x in v.values() if x is not None], opts.strict, stats)
+                    inputs = [v[s0:s1] for v in views]
+                    for j, o in enumerate(os_):
+                        _count_nonfinite(t, o, inputs, opts.strict, stats, j if len(os_) > 1 else None)
 
         if pool is None or len(blocks) <= 1:
             work(0)  # one worker takes every block; or the only block is worker 0's
         else:
             for f in [pool.submit(work, k) for k in range(min(len(blocks), len(scratch)))]:
                 f.result()
-        return sum(_elem_size(ref.dtype) * n for _, ref in refs if ref is not None)
+        return sum(_elem_size(ref.dtype) * n for _, ref in ins)
 
 
-def _merge_block(tv, sv, gv, a32, d, r, out_dtype: str, out: torch.Tensor) -> None:
-    """DESIGN.md section 2 on one cache-sized block: widen, g - s, * a32, t + m (separate roundings), round.
+def _merge_block(tv, pairs, alphas, d, r, out_dtype: str, outs: list[torch.Tensor]) -> None:
+    """DESIGN.md section 2 on one cache-sized block, for each output ``k``: ``r = t32``, then for each vector
+    ``r = r + a32[k][i] * (p32 - m32)`` (separate roundings, never fused), and one rounding into ``outs[k]``.
 
-    ``sv`` None (apply a stored vector): d = g. ``tv`` None (extract a vector): the result is m itself."""
-    d.copy_(gv)
-    if sv is not None:
-        r.copy_(sv)
-        d.sub_(r)  # g32 - s32
-    d.mul_(a32)  # a32 * d, rounded on its own (never fused with the add)
-    if tv is None:
-        round_from_f32(d, out_dtype, out=out)
+    ``pairs``: (plus, minus) per vector, minus None for a stored vector (apply). ``tv`` None (extract a vector, one
+    vector only): the result is the scaled difference itself. With one vector the difference is computed once for
+    all outputs of a sweep."""
+    if len(pairs) == 1:
+        pv, mv = pairs[0]
+        d.copy_(pv)
+        if mv is not None:
+            r.copy_(mv)
+            d.sub_(r)  # g32 - s32
+        for a, out in zip(alphas, outs):
+            if len(outs) == 1:
+                d.mul_(a[0])  # a32 * d, rounded on its own (never fused with the add)
+                if tv is None:
+                    round_from_f32(d, out_dtype, out=out)
+                    return
+                r.copy_(tv)
+                r.add_(d)  # t32 + m
+            else:
+                torch.mul(d, a[0], out=r)  # m = a32 * d, keeping d for the next output
+                if tv is not None:
+                    r.add_(tv)  # m + t32 (IEEE addition is commutative: the same bits as t32 + m)
+            round_from_f32(r, out_dtype, out=out)
         return
-    r.copy_(tv)
-    r.add_(d)  # t32 + m
-    round_from_f32(r, out_dtype, out=out)
+    if tv is None:
+        raise StreamMergeError("internal error: several vectors without a target")
+    for a, out in zip(alphas, outs):
+        r.copy_(tv)
+        for (pv, mv), ai in zip(pairs, a):
+            d.copy_(pv)
+            if mv is not None:
+                d.sub_(mv)  # p32 - m32: mixed-dtype torch math widens mv exactly and subtracts in float32
+            d.mul_(ai)
+            r.add_(d)  # left to right: ((t + m1) + m2) + ...
+        round_from_f32(r, out_dtype, out=out)
 
 
 def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> int:
@@ -377,7 +420,7 @@ def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -
     for i, f in enumerate(plan.files):
         if i in skip:
             continue
-        total += f.size
+        total += f.size * plan.outputs
         for t in f.tensors:
             total += t.input_bytes()
     return total
@@ -386,7 +429,9 @@ def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -
 _NONFINITE_LOCK = threading.Lock()
 
 
-def _count_nonfinite(t: OutTensor, out: torch.Tensor, inputs, strict: bool, stats: EngineStats) -> None:
+def _count_nonfinite(
+    t: OutTensor, out: torch.Tensor, inputs, strict: bool, stats: EngineStats, output: int | None = None
+) -> None:
     bad = ~torch.isfinite(out)
     if not bad.any():
         return
@@ -396,12 +441,12 @@ def _count_nonfinite(t: OutTensor, out: torch.Tensor, inputs, strict: bool, stat
     if n:
         if strict:
             raise NonFiniteError(
-                f"tensor {t.name!r}: {n} element(s) became NaN/inf although target, sft and grpo were finite "
+                f"tensor {t.name!r}: {n} element(s) became NaN/inf although every input was finite "
                 "(overflow in the output dtype?); --strict refuses this output. Lower |alpha|, use --out-dtype fp32, "
                 "or drop --strict to write it anyway"
             )
         with _NONFINITE_LOCK:  # several workers may count sub-blocks of one tensor
-            stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + n
+            stats.add_nonfinite(t.name, n, output)
 
 
 def _elem_size(dtype: str) -> int:
@@ -434,7 +479,7 @@ def finish_chunk(plan: MergePlan, writer, stats: EngineStats, item: WorkItem) ->
         fi = t.file if t is not None else _file_of(plan, item)
         writer.finish_file(fi)
         written += len(plan.files[fi].header)
-    return written
+    return written * plan.outputs
 
 
 def _file_of(plan: MergePlan, item: WorkItem) -> int:

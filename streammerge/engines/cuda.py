@@ -27,7 +27,8 @@ reported in the notes, and every later window is only read ahead (``MADV_WILLNEE
 pinned staging slots filled by a small pool of host threads. ``register_windows=False`` takes that path from the start.
 
 Chunks follow the CPU engine's work list exactly (``iter_work``: per-chunk op, per-tensor alpha, vocabulary tails
-copied or converted from the target, extract without a target term, apply without sft); COPY chunks go from the
+copied or converted from the target, extract without a target term, apply without sft, several vectors chained
+through a float32 accumulator, a sweep's outputs one kernel each); COPY chunks go from the
 mapping to the writer without touching the GPU.
 
 Everything that decides an order (windows, their register/release points, slot use) is plain Python over the plan,
@@ -96,7 +97,6 @@ CUDA_HOST_REGISTER_READ_ONLY = 0x08
 REGISTER_FLAGS = CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_READ_ONLY
 
 PAGE = mmap.PAGESIZE
-ROLES = ("target", "sft", "grpo")
 # How often a blocked host thread re-checks for a failure elsewhere (seconds).
 _POLL_S = 0.5
 
@@ -321,12 +321,21 @@ def interval_stats(intervals: dict[str, list[tuple[float, float]]]) -> dict[str,
     return out
 
 
-def device_memory_bytes(chunk_bytes: int, slots: int = DEFAULT_DEVICE_SLOTS, check_finite: bool = False) -> int:
-    """GPU memory the engine allocates: ``slots`` x (3 inputs + 1 output) x chunk, independent of the model (plus,
-    with ``check_finite``, the non-finite count's temporaries: three bool masks of one chunk's elements)."""
+def device_memory_bytes(
+    chunk_bytes: int,
+    slots: int = DEFAULT_DEVICE_SLOTS,
+    check_finite: bool = False,
+    inputs: int = 3,
+    outputs: int = 1,
+) -> int:
+    """GPU memory the engine allocates: ``slots`` x (``inputs`` + ``outputs``) x chunk, independent of the model (the
+    three-way merge: 3 inputs, 1 output; a sweep: one output per alpha; several vectors: 1 + 2 per vector inputs plus a
+    float32 accumulator), plus, with ``check_finite``, the non-finite count's temporaries: bool masks of one chunk's
+    elements."""
     slot = max(4, chunk_bytes // 4 * 4)
-    extra = 3 * (slot // 4) + 64 if check_finite else 0
-    return slots * 4 * slot + extra
+    acc = 1 if inputs > 3 else 0
+    extra = 3 * (slot // 4) + 64 * outputs if check_finite else 0
+    return slots * (inputs + outputs + acc) * slot + extra
 
 
 # ---------------------------------------------------------------------------------------------- device backends
@@ -1050,23 +1059,16 @@ def _on_gpu(item: WorkItem) -> bool:
 
 def _inputs(item: WorkItem) -> list[tuple[str, TensorRef]]:
     """The (role, tensor) inputs a GPU chunk reads, as the CPU engine: CONVERT the target; MERGE the target (unless
-    extracting a vector), sft (unless applying a stored vector) and grpo."""
-    t = item.tensor
-    if item.op is Op.CONVERT:
-        return [("target", t.target)]
-    out = [("target", t.target)] if t.base else []
-    if t.sft is not None:
-        out.append(("sft", t.sft))
-    out.append(("grpo", t.grpo))  # type: ignore[arg-type]
-    return out
+    extracting a vector), then each vector's plus and minus tensors (no minus for a stored vector)."""
+    return item.tensor.inputs(item.op)
 
 
 @dataclass
 class _Job:
-    kind: str  # "slot" (GPU chunk in pinned slot) or "view" (bytes straight from the mmap, or nothing)
+    kind: str  # "slot" (GPU chunk in pinned slots) or "view" (bytes straight from the mmap, or nothing)
     item: WorkItem
     n_in: int
-    slot: int = -1
+    slots: list[int] = field(default_factory=list)  # one pinned slot per output (one for all when they agree)
     gpu_index: int = -1
     view: torch.Tensor | None = None
     count_nonfinite: bool = False
@@ -1075,8 +1077,9 @@ class _Job:
 @dataclass
 class _Buffers:
     dev_in: list[list[torch.Tensor]]
-    dev_out: list[torch.Tensor]
+    dev_out: list[list[torch.Tensor]]  # per device slot, one per output
     host_out: list[torch.Tensor]
+    dev_acc: list[torch.Tensor] = field(default_factory=list)  # float32 accumulator per device slot (several vectors)
     nf_dev: list[torch.Tensor] = field(default_factory=list)
     nf_host: list[torch.Tensor] = field(default_factory=list)
     staging: list[list[torch.Tensor]] | None = None
@@ -1188,15 +1191,16 @@ class CudaEngine:
         items = list(iter_work(eplan, skip))
         total_bytes = work_bytes(plan, skip)
         total_tensors = sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
-        S, P = self.slots, self.host_slots
+        n_out = plan.outputs
+        # A sweep's chunk takes one pinned slot per output at once.
+        S, P = self.slots, self.host_slots + n_out - 1
 
         # ---- what each GPU chunk reads, and the windows over it
         # One checkpoint may stand in several roles (extract passes grpo as the target too): windows are per mapping,
         # so such roles share one key and their windows can never overlap in address space.
         canon: dict[str, str] = {}
-        for role in ROLES:
-            ck = ckpts.get(role)
-            canon[role] = next((r for r in ROLES if r in canon and ckpts.get(r) is ck), role)
+        for role, ck in ckpts.items():
+            canon[role] = next((r for r in canon if ckpts.get(r) is ck), role)
 
         gpu_items: list[WorkItem] = []
         sources: list[list[Source]] = []
@@ -1236,18 +1240,22 @@ class CudaEngine:
 
         # ---- every buffer, stream and event, once
         be.reset_peak()
+        n_in_max = max([len(_inputs(it)) for it in gpu_items] or [1])
+        n_terms_max = max([len(it.tensor.terms) for it in gpu_items if it.op is Op.MERGE] or [0])
         buf = _Buffers(
-            dev_in=[[be.device_buffer(slot_bytes) for _ in range(3)] for _ in range(S)],
-            dev_out=[be.device_buffer(slot_bytes) for _ in range(S)],
+            dev_in=[[be.device_buffer(slot_bytes) for _ in range(n_in_max)] for _ in range(S)],
+            dev_out=[[be.device_buffer(slot_bytes) for _ in range(n_out)] for _ in range(S)],
             host_out=[be.host_buffer(slot_bytes) for _ in range(P)],
         )
+        if n_terms_max > 1:
+            buf.dev_acc = [be.device_buffer(slot_bytes).view(torch.float32) for _ in range(S)]
         if opts.check_finite:
-            buf.nf_dev = [be.device_buffer(8).view(torch.int64) for _ in range(S)]
+            buf.nf_dev = [be.device_buffer(8 * n_out).view(torch.int64) for _ in range(S)]
             buf.nf_host = [be.host_buffer(8).view(torch.int64) for _ in range(P)]
 
         def staging() -> list[list[torch.Tensor]]:
             if buf.staging is None:  # once: from the start without registration, else at the first refusal
-                buf.staging = [[be.host_buffer(slot_bytes) for _ in range(3)] for _ in range(S)]
+                buf.staging = [[be.host_buffer(slot_bytes) for _ in range(n_in_max)] for _ in range(S)]
                 pool.append(
                     ThreadPoolExecutor(
                         self.copy_threads,
@@ -1279,10 +1287,10 @@ class CudaEngine:
         if hasher is not None:
             writer.external_digest = True
 
-        def write_out(file: int, offset: int, data) -> None:
-            fut = hasher.submit(digest, file, offset, data) if hasher is not None else None
+        def write_out(file: int, offset: int, data, out: int | None = None) -> None:
+            fut = hasher.submit(digest, file, offset, data, out) if hasher is not None else None
             try:
-                writer.write(file, offset, data)
+                writer.write(file, offset, data, out=out)
             finally:
                 if fut is not None:
                     fut.result()  # in order: one hashing thread, and each chunk waits for its own digest
@@ -1297,17 +1305,21 @@ class CudaEngine:
                     if failure.exc is not None:
                         continue
                     item, t = job.item, job.item.tensor
+                    many = len(job.slots) > 1
                     if job.kind == "slot":
                         t0 = time.perf_counter()
-                        be.sync_event(out_ready[job.slot])
+                        for j, p in enumerate(job.slots):
+                            be.sync_event(out_ready[p])
+                            if job.count_nonfinite:
+                                n_bad = int(buf.nf_host[p][0])
+                                self._nonfinite(t, n_bad, opts.strict, stats, j if many else None)
                         timers["wait_gpu"] += time.perf_counter() - t0
-                        if job.count_nonfinite:
-                            self._nonfinite(t, int(buf.nf_host[job.slot][0]), opts.strict, stats)
                     t0 = time.perf_counter()
                     if t is not None and item.stop > item.start:
                         if job.kind == "slot":
-                            data = buf.host_out[job.slot][: _out_bytes(t, item)]
-                            write_out(t.file, t.offset + _out_offset(t, item), data.numpy())
+                            for j, p in enumerate(job.slots):
+                                data = buf.host_out[p][: _out_bytes(t, item)]
+                                write_out(t.file, t.offset + _out_offset(t, item), data.numpy(), j if many else None)
                         else:
                             write_out(t.file, t.offset + item.start, job.view.numpy())  # type: ignore[union-attr]
                             # Drop the copied pages from this process, unless a registered window holds them: pages
@@ -1325,7 +1337,8 @@ class CudaEngine:
                 finally:
                     job.view = None
                     if job.kind == "slot":
-                        ring.release(job.slot)
+                        for p in job.slots:
+                            ring.release(p)
 
         def put(job: _Job) -> None:
             while True:
@@ -1413,36 +1426,57 @@ class CudaEngine:
                     be.record(s_comp, prof[g][2])
                 views = [buf.dev_in[k][r][: nbytes[r]].view(OUT_DTYPES[ref.dtype]) for r, (_, ref) in enumerate(ins)]
                 out_b = n * _elem_size(t.dtype)
-                out_view = buf.dev_out[k][:out_b].view(OUT_DTYPES[t.dtype])
+                n_o = n_out if item.op is Op.MERGE and t.outputs_differ else 1
+                out_views = [buf.dev_out[k][j][:out_b].view(OUT_DTYPES[t.dtype]) for j in range(n_o)]
                 count = opts.check_finite and item.op is Op.MERGE
                 if item.op is Op.MERGE:
-                    by_role = {role: v for (role, _), v in zip(ins, views)}
-                    tv, sv, gv = by_role.get("target"), by_role.get("sft"), by_role["grpo"]
-                    be.merge(s_comp, tv, sv, gv, t.alpha, t.dtype, out_view)
-                    if count:
-                        be.count_nonfinite(s_comp, out_view, views, buf.nf_dev[k])
+                    tv = views[0] if t.base else None
+                    rest = list(views[1:] if t.base else views)
+                    pairs = []
+                    for term in t.terms:
+                        plus = rest.pop(0)
+                        pairs.append((plus, rest.pop(0) if term.minus_ref is not None else None))
+                    for j, out_view in enumerate(out_views):
+                        alphas = t.alphas_for(j)
+                        if len(pairs) == 1:
+                            be.merge(s_comp, tv, pairs[0][1], pairs[0][0], alphas[0], t.dtype, out_view)
+                        else:
+                            # Several vectors: r = r + a_i * (p_i - m_i) left to right in a float32 accumulator (the
+                            # kernel's float32 store keeps every bit but a NaN's payload, and a NaN stays NaN to the
+                            # end), then one rounding into the output: the CPU engine's bytes.
+                            acc = buf.dev_acc[k][:n]
+                            prev = tv
+                            for i, (pv, mv) in enumerate(pairs):
+                                last = i == len(pairs) - 1
+                                dst, dt = (out_view, t.dtype) if last else (acc, "F32")
+                                be.merge(s_comp, prev, mv, pv, alphas[i], dt, dst)
+                                prev = acc
+                        if count:
+                            be.count_nonfinite(s_comp, out_view, views, buf.nf_dev[k][j : j + 1])
                 else:
-                    be.convert(s_comp, views[0], t.dtype, out_view)
+                    be.convert(s_comp, views[0], t.dtype, out_views[0])
                 if self.profile:
                     be.record(s_comp, prof[g][3])
                 be.record(s_comp, comp_done[k])
-                # D2H into a pinned output slot the writer has given back.
+                # D2H into pinned output slots the writer has given back (one per output that differs).
                 t0 = time.perf_counter()
-                p = ring.acquire(failure.check)
+                ps = [ring.acquire(failure.check) for _ in out_views]
                 dt = time.perf_counter() - t0
                 timers["wait_out_slot"] += dt
                 t_wait += dt
                 be.wait(s_out, comp_done[k])
                 if self.profile:
                     be.record(s_out, prof[g][4])
-                be.d2h(s_out, buf.host_out[p][:out_b], buf.dev_out[k][:out_b])
-                if count:
-                    be.d2h(s_out, buf.nf_host[p], buf.nf_dev[k])
+                for j, p in enumerate(ps):
+                    be.d2h(s_out, buf.host_out[p][:out_b], buf.dev_out[k][j][:out_b])
+                    if count:
+                        be.d2h(s_out, buf.nf_host[p], buf.nf_dev[k][j : j + 1])
                 if self.profile:
                     be.record(s_out, prof[g][5])
                 be.record(s_out, d2h_done[k])
-                be.record(s_out, out_ready[p])
-                put(_Job("slot", item, sum(nbytes), slot=p, gpu_index=g, count_nonfinite=count))
+                for p in ps:
+                    be.record(s_out, out_ready[p])
+                put(_Job("slot", item, sum(nbytes), slots=ps, gpu_index=g, count_nonfinite=count))
                 timers["issue"] += time.perf_counter() - t_issue - t_wait
                 peak_rss = max(peak_rss, rss_anon())
             be.record(s_out, ev_end)
@@ -1488,7 +1522,8 @@ class CudaEngine:
         stats.stage_seconds = dict(timers)
         mode = "registered windows" if self.register_windows else "pinned staging (registration off)"
         stats.notes.append(
-            f"cuda engine: {S} device slots x (3 in + 1 out) x {slot_bytes} B, {P} pinned output slots, "
+            f"cuda engine: {S} device slots x ({n_in_max} in + {n_out} out{' + acc' if buf.dev_acc else ''}) x "
+            f"{slot_bytes} B, {P} pinned output slots, "
             f"{mode}; window {self.window_bytes} B, read-ahead {self.register_ahead_bytes} B"
         )
         stats.notes.append(
@@ -1502,14 +1537,14 @@ class CudaEngine:
         stats.notes += [f"cuda engine: {e}" for e in runner.unregister_errors[:5]]
 
     @staticmethod
-    def _nonfinite(t: OutTensor, n: int, strict: bool, stats: EngineStats) -> None:
-        """As the CPU engine's check: elements that became NaN/inf although target, sft and grpo were finite."""
+    def _nonfinite(t: OutTensor, n: int, strict: bool, stats: EngineStats, output: int | None = None) -> None:
+        """As the CPU engine's check: elements that became NaN/inf although every input was finite."""
         if not n:
             return
         if strict:
             raise NonFiniteError(
-                f"tensor {t.name!r}: {n} element(s) became NaN/inf although target, sft and grpo were finite "
+                f"tensor {t.name!r}: {n} element(s) became NaN/inf although every input was finite "
                 "(overflow in the output dtype?); --strict refuses this output. Lower |alpha|, use --out-dtype fp32, "
                 "or drop --strict to write it anyway"
             )
-        stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + n
+        stats.add_nonfinite(t.name, n, output)
