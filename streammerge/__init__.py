@@ -1,12 +1,12 @@
 """streammerge: memory-bounded, out-of-core streaming merge of large safetensors checkpoints.
 
 ``out = target + alpha * (grpo - sft)`` tensor by tensor and chunk by chunk, on the CPU or a CUDA GPU, with the same
-output bytes on every device.
+output bytes on every device; several alphas in one pass (:func:`sweep`) and many vectors (:func:`combine`).
 """
 
 __version__ = "0.1.0"
 
-from .api import MergeReport, apply, extract, merge, plan  # noqa: E402
+from .api import MergeReport, apply, combine, extract, merge, plan, plan_combine, sweep, sweep_dirname  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     EngineError,
@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     TensorMismatchError,
 )
 from .options import MergeOptions  # noqa: E402
+from .spec import Spec, VectorSpec, load_spec  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
 __all__ = [
@@ -27,13 +28,20 @@ __all__ = [
     "MergeReport",
     "OptionsError",
     "OutputError",
+    "Spec",
     "StreamMergeError",
     "TensorMismatchError",
+    "VectorSpec",
     "VerifyReport",
     "__version__",
     "apply",
+    "combine",
     "extract",
+    "load_spec",
     "merge",
     "plan",
+    "plan_combine",
+    "sweep",
+    "sweep_dirname",
     "verify",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,8 +18,9 @@ from .engines import EngineStats, Progress
 from .errors import EngineError, OptionsError, OutputError
 from .memory import available_memory
 from .options import MergeOptions
-from .plan import MergePlan, _printable, build_plan, check_disk_space
-from .writer import NullWriter, OutputWriter
+from .plan import FORMULAS, MergePlan, VectorInput, _printable, build_plan, build_vector_plan, check_disk_space, sweep_plan
+from .spec import Spec, load_spec
+from .writer import MANIFEST, NullWriter, OutputWriter, SweepWriter
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -81,11 +83,22 @@ def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
 def _open_all(target, sft, grpo, headers_only: bool = False) -> dict[str, Checkpoint]:
     """Open the three checkpoints; Hub repository ids are resolved to snapshots (their commit recorded). With
     ``headers_only``, a repository not in the local cache is read as remote headers, downloading no weights."""
+    return _open_sources({"target": target, "sft": sft, "grpo": grpo}, headers_only, share=False)
+
+
+def _open_sources(sources: dict, headers_only: bool = False, share: bool = True) -> dict[str, Checkpoint]:
+    """Open a checkpoint per role (see `_open_all`). With ``share``, roles naming the same source share one opened
+    checkpoint (one mapping: the CUDA engine registers its pages once)."""
     from . import hub
 
     ckpts: dict[str, Checkpoint] = {}
+    by_src: dict[str, Checkpoint] = {}
     try:
-        for label, src in (("target", target), ("sft", sft), ("grpo", grpo)):
+        for label, src in sources.items():
+            key = os.fspath(src)
+            if share and key in by_src:
+                ckpts[label] = by_src[key]
+                continue
             if hub.parse_repo_spec(src) is not None:
                 hs = hub.resolve_cached(str(src), label) if headers_only else None
                 if headers_only and hs is None:
@@ -97,11 +110,16 @@ def _open_all(target, sft, grpo, headers_only: bool = False) -> dict[str, Checkp
                 ckpts[label] = ck
             else:
                 ckpts[label] = open_checkpoint(src, label)
+            by_src[key] = ckpts[label]
     except BaseException:
-        for c in ckpts.values():
-            c.close()
+        _close(ckpts)
         raise
     return ckpts
+
+
+def _close(ckpts: dict) -> None:
+    for c in {id(c): c for c in ckpts.values() if c is not None}.values():
+        c.close()
 
 
 def _check_paths(out: Path, ckpts: dict[str, Checkpoint]) -> None:
@@ -128,9 +146,11 @@ def plan(
     out: str | os.PathLike | None = None,
     *,
     options: MergeOptions | None = None,
+    alphas=None,
     **kwargs,
 ) -> MergePlan:
     """Read headers only and describe the merge: pairing, output layout, bytes to move, disk and memory needed.
+    With ``alphas`` (two or more), the plan of a :func:`sweep`.
 
     Args:
         target, sft, grpo (`str | os.PathLike`): checkpoint directories, index files or single .safetensors files.
@@ -144,9 +164,13 @@ def plan(
         [`StreamMergeError`]: anything the merge itself would refuse.
     """
     opts = _options(options, kwargs)
-    ckpts = _open_all(target, sft, grpo, headers_only=True)
+    if alphas is not None:
+        p, ckpts = _sweep_plan(target, sft, grpo, parse_alphas(alphas), opts, headers_only=True)
+    else:
+        ckpts = _open_all(target, sft, grpo, headers_only=True)
     try:
-        p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
+        if alphas is None:
+            p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
         if out is not None:
             _check_paths(Path(out), ckpts)
             check_disk_space(p, Path(out))
@@ -254,16 +278,39 @@ def merge(
         ```
     """
     t_start = time.perf_counter()
+    if isinstance(alpha, (list, tuple)) or (isinstance(alpha, str) and "," in alpha):
+        raise OptionsError("merge: alpha must be one number; for several in one pass use streammerge.sweep")
     explicit = {k: v for k, v in (("alpha", alpha), ("device", device)) if v is not None}
     opts = _options(options, {**explicit, **kwargs})
     out_dir = Path(out) if out is not None else Path("(null sink)")
     ckpts = _open_all(target, sft, grpo)
     try:
         p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
-        return _execute(p, ckpts, out_dir, opts, t_start, progress, resume, sink, push_to, private)
+        return _execute(p, ckpts, out_dir, opts, t_start, progress, resume, sink, push_to, private)[0]
     finally:
         for c in ckpts.values():
             c.close()
+
+
+def sweep_dirname(alpha: float) -> str:
+    """The directory of one alpha's output in a sweep: ``alpha-0.5``, ``alpha-1``, ``alpha--1``, ``alpha-1e-05``."""
+    text = repr(float(alpha))
+    return f"alpha-{text[:-2] if text.endswith('.0') else text}"
+
+
+def parse_alphas(value) -> list[float]:
+    """One alpha or several: a number, a sequence of numbers, or text like ``"0.5,1,1.5"``."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        if not all(parts):
+            raise OptionsError(f"alpha: {value!r}: expected a number or a comma-separated list like 0.5,1,1.5")
+        try:
+            return [float(p) for p in parts]
+        except ValueError:
+            raise OptionsError(f"alpha: {value!r}: expected a number or a comma-separated list like 0.5,1,1.5") from None
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return [float(value)]
 
 
 def _execute(
@@ -277,12 +324,23 @@ def _execute(
     sink: str,
     push_to: str | None,
     private: bool,
-) -> MergeReport:
-    """Run a plan: pick the engine, open the writer (or the null sink), finalize, optionally push; the report."""
+) -> list[MergeReport]:
+    """Run a plan: pick the engine, open the writer(s) (or the null sink), finalize, optionally push; a report per
+    output (one, or one per alpha of a sweep, each in ``out_dir/alpha-A``)."""
     if sink not in ("disk", "null", "null-sha256"):
         raise OptionsError(f"sink: {sink!r} is not disk, null or null-sha256")
+    plans = p.variants or [p]
+    dirs = [out_dir / sweep_dirname(vp.options.alpha) for vp in p.variants] if p.variants else [out_dir]
+    if p.variants and push_to:
+        raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep later")
     if sink == "disk":
-        _check_paths(out_dir, ckpts)
+        if p.variants and (out_dir / MANIFEST).exists():
+            raise OutputError(
+                f"{out_dir}: holds a single merge's output; a sweep writes {out_dir}/alpha-A/ directories: "
+                "choose another output directory"
+            )
+        for d in dirs:
+            _check_paths(d, ckpts)
         check_disk_space(p, out_dir)
     engine, engine_note = select_engine(opts.device, opts.threads, opts)
     available = available_memory()
@@ -290,17 +348,23 @@ def _execute(
         for ck in ckpts.values():
             if ck is not None:
                 ck.drop_cache = True
-    identity = merge_identity(p, ckpts)
+    identities = [merge_identity(vp, ckpts) for vp in plans]
     crash_point("planned")
-    if sink == "disk":
-        writer_cm = OutputWriter(out_dir, p, identity, resume=resume)
-    else:
-        writer_cm = NullWriter(p, checksums=sink == "null-sha256")
-    with writer_cm as writer:
+    with contextlib.ExitStack() as stack:
+        if sink == "disk":
+            writers = [
+                stack.enter_context(OutputWriter(d, vp, ident, resume=resume))
+                for d, vp, ident in zip(dirs, plans, identities)
+            ]
+        else:
+            writers = [stack.enter_context(NullWriter(vp, checksums=sink == "null-sha256")) for vp in plans]
+        writer = SweepWriter(p, writers) if p.variants else writers[0]
         stats: EngineStats = engine.run(p, ckpts, writer, progress)
-        small = {path.name: path.read_bytes() for path in p.aux_files}
-        small["README.md"] = model_card(p).encode()
-        files = writer.finalize(small)
+        files = []
+        for vp, w in zip(plans, writers):
+            small = {path.name: path.read_bytes() for path in vp.aux_files}
+            small["README.md"] = model_card(vp).encode()
+            files.append(w.finalize(small))
     seconds = time.perf_counter() - t_start
     moved = stats.bytes_read + stats.bytes_written
     pushed = ""
@@ -308,27 +372,198 @@ def _execute(
         from .hub import push
 
         pushed = push(out_dir, push_to, private=private, commit_message=f"streammerge: {p.formula}")
-    return MergeReport(
-        out_dir=str(out_dir),
-        device=engine.name,
-        tensors_merged=p.merged,
-        tensors_copied=p.copied,
-        copied_reasons=dict(p.copied_reasons),
-        ignored_extra=len(p.ignored_extra),
-        bytes_read=stats.bytes_read,
-        bytes_written=stats.bytes_written,
-        seconds=seconds,
-        gbps=moved / seconds / 1e9 if seconds > 0 else 0.0,
-        peak_rss_anon=stats.peak_rss_anon,
-        peak_gpu_memory=stats.peak_gpu_memory,
-        output_files=files,
-        warnings=list(p.warnings) + writer.notes + [f"engine: {engine_note}"] + stats.notes,
-        stage_seconds=dict(stats.stage_seconds),
-        nonfinite=dict(stats.nonfinite),
-        shard_sha256={k: v["sha256"] for k, v in writer.shards.items()},
-        resumed_shards=len(writer.done_files),
-        pushed=pushed,
-    )
+    reports = []
+    for k, (d, vp, w) in enumerate(zip(dirs, plans, writers)):
+        notes = [f"sweep: output {k + 1} of {len(plans)} from one pass over the inputs"] if p.variants else []
+        reports.append(
+            MergeReport(
+                out_dir=str(d) if sink == "disk" or p.variants else str(out_dir),
+                device=engine.name,
+                tensors_merged=vp.merged,
+                tensors_copied=vp.copied,
+                copied_reasons=dict(vp.copied_reasons),
+                ignored_extra=len(vp.ignored_extra),
+                bytes_read=stats.bytes_read,
+                bytes_written=w.bytes_written if p.variants else stats.bytes_written,
+                seconds=seconds,
+                gbps=moved / seconds / 1e9 if seconds > 0 else 0.0,
+                peak_rss_anon=stats.peak_rss_anon,
+                peak_gpu_memory=stats.peak_gpu_memory,
+                output_files=files[k],
+                warnings=list(p.warnings) + w.notes + notes + [f"engine: {engine_note}"] + stats.notes,
+                stage_seconds=dict(stats.stage_seconds),
+                nonfinite=stats.nonfinite_of(k) if p.variants else dict(stats.nonfinite),
+                shard_sha256={name: v["sha256"] for name, v in w.shards.items()},
+                resumed_shards=len(w.done_files),
+                pushed=pushed,
+            )
+        )
+    return reports
+
+
+def sweep(
+    target: str | os.PathLike,
+    sft: str | os.PathLike,
+    grpo: str | os.PathLike,
+    out: str | os.PathLike,
+    alphas,
+    *,
+    device: str | None = None,
+    options: MergeOptions | None = None,
+    progress: ProgressCallback | None = None,
+    resume: bool = False,
+    sink: str = "disk",
+    **kwargs,
+) -> list[MergeReport]:
+    """Several alphas in one pass: ``out/alpha-A = target + A * (grpo - sft)`` for each ``A`` in ``alphas``.
+
+    Each input byte is read once; each output is byte-identical to ``merge(..., alpha=A)`` into its own directory
+    (its header and model card record its alpha). Per-tensor rules that set an alpha keep it in every output. Host
+    memory grows by one chunk per extra output, GPU memory by one chunk per device slot per extra output.
+
+    Args:
+        alphas (`Sequence[float] | str`): two or more distinct alphas, or text like ``"0.5,1,1.5"``.
+        Other arguments: as :func:`merge` (``push_to`` is not available: push the output you keep).
+
+    Returns:
+        `list[MergeReport]`: one per alpha, in the given order (``bytes_read`` is the shared pass's).
+
+    Example:
+        ```py
+        >>> reports = streammerge.sweep("target/", "sft/", "grpo/", "sweep/", [0.5, 1.0, 1.5])
+        >>> [r.out_dir for r in reports]
+        ['sweep/alpha-0.5', 'sweep/alpha-1', 'sweep/alpha-1.5']
+        ```
+    """
+    t_start = time.perf_counter()
+    values = parse_alphas(alphas)
+    explicit = {"device": device} if device is not None else {}
+    opts = _options(options, {**explicit, **kwargs})
+    p, ckpts = _sweep_plan(target, sft, grpo, values, opts)
+    try:
+        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, None, False)
+    finally:
+        _close(ckpts)
+
+
+def _sweep_plan(target, sft, grpo, values: list[float], opts: MergeOptions, headers_only: bool = False):
+    names = [sweep_dirname(a) for a in values]
+    if len(values) < 2:
+        raise OptionsError("a sweep needs two or more alphas (for one, use merge)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise OptionsError(f"alpha: repeated value(s) {', '.join(dup)}; give each alpha once")
+    ckpts = _open_all(target, sft, grpo, headers_only=headers_only)
+    try:
+        plans = []
+        for a in values:
+            o = MergeOptions.create(**{f.name: getattr(opts, f.name) for f in fields(opts)} | {"alpha": a})
+            plans.append(build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], o))
+        return sweep_plan(plans), ckpts
+    except BaseException:
+        _close(ckpts)
+        raise
+
+
+def _spec_sources(spec: Spec) -> dict[str, str]:
+    sources = {"target": spec.target}
+    for i, v in enumerate(spec.vectors, 1):
+        sources.update(v.roles(i))
+    return sources
+
+
+def _spec_plan(spec: Spec, opts: MergeOptions, headers_only: bool = False):
+    """Open every checkpoint of a spec and build its plan; stored vectors must come from ``streammerge extract``."""
+    sources = _spec_sources(spec)
+    ckpts = _open_sources(sources, headers_only=headers_only)
+    try:
+        vectors = []
+        for i, v in enumerate(spec.vectors, 1):
+            if v.vector is not None:
+                ck = ckpts[f"vector{i}"]
+                headers = getattr(ck, "headers", None)
+                if headers and headers[0].metadata.get("streammerge_formula") != "grpo - sft":
+                    raise OptionsError(
+                        f"{spec.source}: vectors[{i}]: {v.vector} is not a vector written by `streammerge extract` "
+                        "(no streammerge_formula 'grpo - sft' in its metadata); give a pair as sft and grpo instead"
+                    )
+                vectors.append(VectorInput(f"vector{i}", ck, None, None, v.alpha, v.rules))
+            else:
+                vectors.append(
+                    VectorInput(f"grpo{i}", ckpts[f"grpo{i}"], f"sft{i}", ckpts[f"sft{i}"], v.alpha, v.rules)
+                )
+        labelled = {k: ck.source for k, ck in ckpts.items()}
+        return build_vector_plan(ckpts["target"], vectors, opts, labelled, kind="combine"), ckpts
+    except BaseException:
+        _close(ckpts)
+        raise
+
+
+def _spec_options(spec: Spec, options: MergeOptions | None, kwargs: dict) -> MergeOptions:
+    base = {**spec.options, **({"rules": spec.rules} if spec.rules else {})}
+    if options is not None:
+        current = {f.name: getattr(options, f.name) for f in fields(options)}
+        return MergeOptions.create(**{**current, **base, **kwargs})
+    try:
+        return MergeOptions.create(**{**base, **kwargs})
+    except TypeError as e:
+        raise OptionsError(f"{spec.source}: [options]: {e}") from None
+
+
+def plan_combine(spec, out: str | os.PathLike | None = None, *, options: MergeOptions | None = None, **kwargs):
+    """Read headers only and describe a many-vector merge (see :func:`combine`). Returns a [`MergePlan`]."""
+    sp = load_spec(spec)
+    opts = _spec_options(sp, options, kwargs)
+    p, ckpts = _spec_plan(sp, opts, headers_only=True)
+    try:
+        if out is not None:
+            _check_paths(Path(out), ckpts)
+            check_disk_space(p, Path(out))
+        return p
+    finally:
+        _close(ckpts)
+
+
+def combine(
+    spec,
+    out: str | os.PathLike,
+    *,
+    device: str | None = None,
+    options: MergeOptions | None = None,
+    progress: ProgressCallback | None = None,
+    resume: bool = False,
+    sink: str = "disk",
+    push_to: str | None = None,
+    private: bool = False,
+    **kwargs,
+) -> MergeReport:
+    """Many vectors: ``out = target + sum_i alpha_i * (grpo_i - sft_i)``, every input streamed once.
+
+    Per element, in float32 without FMA: ``r = t32``, then ``r = r + f32(alpha_i) * (g32_i - s32_i)`` for each vector
+    in the spec's order (a stored vector from :func:`extract` is added as ``r + f32(alpha_i) * v32_i``), and one
+    rounding to the output dtype. One vector gives exactly the bytes of :func:`merge`.
+
+    Args:
+        spec (`str | os.PathLike | dict | Spec`): a TOML or YAML spec file (see `streammerge.spec`), or its content.
+        out: the output directory. Other arguments and options: as :func:`merge`; keywords override the spec's
+            ``[options]``.
+
+    Example:
+        ```py
+        >>> streammerge.combine("spec.toml", "merged/")
+        >>> streammerge.combine({"target": "t/", "vectors": [{"sft": "s/", "grpo": "g/", "alpha": 1.0},
+        ...                                                  {"vector": "v/", "alpha": -0.5}]}, "merged/")
+        ```
+    """
+    t_start = time.perf_counter()
+    sp = load_spec(spec)
+    explicit = {"device": device} if device is not None else {}
+    opts = _spec_options(sp, options, {**explicit, **kwargs})
+    p, ckpts = _spec_plan(sp, opts)
+    try:
+        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, push_to, private)[0]
+    finally:
+        _close(ckpts)
 
 
 def extract(
@@ -364,7 +599,7 @@ def extract(
     try:
         sources = {"target": "-", "sft": sft_ck.source, "grpo": grpo_ck.source}
         p = build_plan(grpo_ck, sft_ck, grpo_ck, opts, sources=sources, kind="vector")
-        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, None, False)
+        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, None, False)[0]
     finally:
         for c in opened.values():
             c.close()
@@ -407,7 +642,7 @@ def apply(
             )
         sources = {"target": opened["target"].source, "sft": "-", "grpo": opened["grpo"].source}
         p = build_plan(opened["target"], opened["sft"], opened["grpo"], opts, sources=sources, kind="apply")
-        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, push_to, private)
+        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, push_to, private)[0]
     finally:
         for c in opened.values():
             c.close()
@@ -446,11 +681,12 @@ def merge_identity(p: MergePlan, ckpts: dict[str, Checkpoint]) -> dict:
         "strict": o.strict,
         "vocab_mismatch": o.vocab_mismatch,
         "kind": p.kind,
+        **({"vectors": p.vectors} if p.kind == "combine" else {}),
     }
     layout = [{"name": f.name, "size": f.size, "header_sha256": hashlib.sha256(f.header).hexdigest()} for f in p.files]
     identity = {
         "streammerge_version": __version__,
-        "formula": "target + alpha * (grpo - sft)",
+        "formula": FORMULAS[p.kind],
         "sources": p.sources,
         "inputs": inputs,
         "options": options,
@@ -465,6 +701,27 @@ def model_card(p: MergePlan) -> str:
     """A Hugging Face model card (README.md) recording what was merged and how."""
     o = p.options
     reasons = "".join(f"\n| copied: {k} | {v} |" for k, v in sorted(p.copied_reasons.items()))
+    if p.kind == "combine":
+        formula = "`θ_out = θ_target + Σᵢ αᵢ·(θ_grpo,ᵢ − θ_sft,ᵢ)`, the vectors added in the order below"
+        rows = [f"| target | `{_printable(p.sources['target'])}` |"]
+        for i, v in enumerate(p.vectors, 1):
+            diff = (
+                f"`{_printable(p.sources[v['vector']])}` (stored vector)"
+                if "vector" in v
+                else f"`{_printable(p.sources[v['grpo']])}` − `{_printable(p.sources[v['sft']])}`"
+            )
+            rules = f", rules {'; '.join(v['rules'])}" if v.get("rules") else ""
+            rows.append(f"| vector {i} | {diff}, α = {v['alpha']!r}{rules} |")
+        table = "\n".join(rows)
+        math_line = "`r = t; r = r + αᵢ·(gᵢ − sᵢ)` for each vector in order"
+    else:
+        formula = "`θ_out = θ_target + α·(θ_grpo − θ_sft)`"
+        table = (
+            f"| target | `{_printable(p.sources['target'])}` |\n| sft | `{_printable(p.sources['sft'])}` |\n"
+            f"| grpo | `{_printable(p.sources['grpo'])}` |\n| α | {o.alpha!r} |"
+        )
+        math_line = "`d = g − s; m = α·d; r = t + m`"
+    rules = f"\n| rules | {'; '.join(r.describe() for r in o.rules)} |" if o.rules else ""
     return f"""---
 tags:
 - merge
@@ -473,20 +730,17 @@ tags:
 ---
 # Merged with streammerge {__version__}
 
-`θ_out = θ_target + α·(θ_grpo − θ_sft)` — the reasoning-vector transfer of Zbeeb, Hammoud and Ghanem,
+{formula} — the reasoning-vector transfer of Zbeeb, Hammoud and Ghanem,
 "Reasoning Vectors: Transferring Chain-of-Thought Capabilities via Task Arithmetic" (arXiv:2509.01363).
 
 | | |
 |---|---|
-| target | `{_printable(p.sources["target"])}` |
-| sft | `{_printable(p.sources["sft"])}` |
-| grpo | `{_printable(p.sources["grpo"])}` |
-| α | {o.alpha!r} |
+{table}{rules}
 | output dtype | {o.out_dtype or "target's dtype per tensor"} |
 | tensors merged | {p.merged} |{reasons}
 | parameters | {p.parameters:,} |
 
-Numerics: each element is computed in IEEE float32 as `d = g − s; m = α·d; r = t + m` (separate roundings, no
+Numerics: each element is computed in IEEE float32 as {math_line} (separate roundings, no
 FMA) and rounded once to the output dtype, round-to-nearest-even; every NaN is written as the canonical quiet NaN.
 The output bytes do not depend on the device that computed them.
 

@@ -96,6 +96,15 @@ TargetArg = Annotated[str, typer.Argument(help="Target checkpoint (directory, in
 SftArg = Annotated[str, typer.Argument(help="SFT checkpoint: the vector's base (subtracted).")]
 GrpoArg = Annotated[str, typer.Argument(help="GRPO checkpoint: the vector's end (added).")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", "-a", help="Scale of the vector; 1 adds it, -1 removes it.")]
+SweepAlphaOpt = Annotated[
+    str,
+    typer.Option(
+        "--alpha",
+        "-a",
+        help="Scale of the vector; 1 adds it, -1 removes it. Several, comma-separated (--alpha 0.5,1,1.5): one "
+        "output per alpha in OUT/alpha-A/, every input read once.",
+    ),
+]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (CUDA when a GPU and triton are present, else CPU), cpu or cuda.")
 ]
@@ -151,14 +160,16 @@ def _options(rule: list[str] | None = None, rules_file: str | None = None, **kw)
 def _print_plan(summary: dict, out: str | None) -> None:
     s = summary
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["copied_reasons"].items())) or "none"
+    srcs = [f"{k:<7} {v}" for k, v in s["sources"].items()]
+    alpha = ", ".join(map(repr, s["alpha"])) + " (one output each)" if isinstance(s["alpha"], list) else repr(s["alpha"])
     lines = [
-        f"target  {s['sources']['target']}",
-        f"sft     {s['sources']['sft']}",
-        f"grpo    {s['sources']['grpo']}",
-        f"alpha   {s['alpha']!r}",
+        *srcs,
+        f"formula {s['formula']}",
+        *([] if "vectors" in s else [f"alpha   {alpha}"]),
         f"tensors {s['tensors']} ({s['parameters']:,} parameters): {s['merged']} merged, {s['copied']} copied "
         f"({reasons})" + (f", {s['ignored_extra']} sft/grpo-only ignored" if s["ignored_extra"] else ""),
-        f"output  {len(s['output_files'])} file(s)" + (f" in {out}" if out else ""),
+        f"output  {len(s['output_files'])} file(s)"
+        + (f" in each of {s['outputs']} outputs {out or 'OUT'}/alpha-A/" if s["outputs"] > 1 else f" in {out}" if out else ""),
         f"read    {_gb(s['bytes_read'])}",
         f"write   {_gb(s['bytes_written'])}",
         f"disk    {_gb(s['disk_needed'])} needed"
@@ -174,10 +185,14 @@ def _print_plan(summary: dict, out: str | None) -> None:
         _stderr(f"warning: {w}")
 
 
-def _plan_body(target, sft, grpo, out, opts, as_json: bool) -> None:
+def _plan_body(target, sft, grpo, out, opts, as_json: bool, alphas=None) -> None:
     from .api import plan as plan_fn
 
-    p = plan_fn(target, sft, grpo, out, options=opts)
+    p = plan_fn(target, sft, grpo, out, options=opts, alphas=alphas)
+    _show_plan(p, out, as_json)
+
+
+def _show_plan(p, out, as_json: bool) -> None:
     summary = p.summary()
     summary["free_disk"] = getattr(p, "free_disk", None)
     if as_json:
@@ -194,7 +209,7 @@ def merge(
     out: Annotated[
         str | None, typer.Option("--out", "-o", help="Output directory (new or empty); required unless --sink null.")
     ] = None,
-    alpha: AlphaOpt = 1.0,
+    alpha: SweepAlphaOpt = "1",
     device: DeviceOpt = "auto",
     chunk_size: ChunkOpt = "16MiB",
     max_shard_size: ShardOpt = "5GB",
@@ -246,6 +261,8 @@ def merge(
 
       streammerge merge target/ sft/ grpo/ -o out/ --alpha -1          # remove the vector
 
+      streammerge merge target/ sft/ grpo/ -o sweep/ --alpha 0.5,1,1.5  # sweep/alpha-0.5/ ... in one pass
+
       streammerge merge t/ s/ g/ -o out/ --device cuda --chunk-size 256MiB --max-shard-size 10GB
 
       streammerge merge Qwen/Qwen2.5-1.5B-Instruct org/sft@main org/grpo -o out/ --push-to me/merged --private
@@ -257,8 +274,11 @@ def merge(
         raise typer.BadParameter("give the output directory with -o/--out (or use --sink null)", param_hint="-o")
 
     def body():
+        from .api import parse_alphas
+
+        alphas = parse_alphas(alpha)
         opts = _options(
-            alpha=alpha,
+            alpha=alphas[0],
             device=device,
             chunk_bytes=chunk_size,
             max_shard_size=max_shard_size,
@@ -278,20 +298,44 @@ def merge(
             check_finite=check_finite or strict,
             strict=strict,
         )
+        sweep = alphas if len(alphas) > 1 else None
         if dry_run:
-            _plan_body(target, sft, grpo, out, opts, as_json)
+            _plan_body(target, sft, grpo, out, opts, as_json, alphas=sweep)
             return
-        _merge_body(target, sft, grpo, out, opts, quiet, as_json, resume, sink, push_to, private)
+        if sweep:
+            from .api import sweep as sweep_fn
+
+            if push_to:
+                raise typer.BadParameter("a sweep writes one output per alpha; push the one you keep later")
+
+            def run(progress=None):
+                return sweep_fn(target, sft, grpo, out, sweep, options=opts, progress=progress, resume=resume, sink=sink)
+
+        else:
+            from .api import merge as merge_fn
+
+            def run(progress=None):
+                return merge_fn(
+                    target,
+                    sft,
+                    grpo,
+                    out,
+                    options=opts,
+                    progress=progress,
+                    resume=resume,
+                    sink=sink,
+                    push_to=push_to,
+                    private=private,
+                )
+
+        _merge_body(run, opts, quiet, as_json)
 
     _run(body)
 
 
-def _merge_body(
-    target, sft, grpo, out, opts, quiet: bool, as_json: bool, resume=False, sink="disk", push_to=None, private=False
-) -> None:
+def _merge_body(run, opts, quiet: bool, as_json: bool) -> None:
+    """Call ``run(progress=...)`` with a progress bar on a terminal, then print its report(s)."""
     from rich.console import Console
-
-    from .api import merge as merge_fn
 
     console = Console(stderr=True)
     show_bar = console.is_terminal and not quiet and not as_json
@@ -319,23 +363,17 @@ def _merge_body(
             def on_progress(ev):
                 bar.update(task, completed=ev.bytes_done, total=ev.bytes_total)
 
-            report = merge_fn(
-                target,
-                sft,
-                grpo,
-                out,
-                options=opts,
-                progress=on_progress,
-                resume=resume,
-                sink=sink,
-                push_to=push_to,
-                private=private,
-            )
+            result = run(progress=on_progress)
     else:
-        report = merge_fn(
-            target, sft, grpo, out, options=opts, resume=resume, sink=sink, push_to=push_to, private=private
-        )
-    _print_report(report, opts, as_json)
+        result = run()
+    if isinstance(result, list):
+        if as_json:
+            print(json.dumps([r.to_dict() for r in result], indent=2))
+            return
+        for r in result:
+            _print_report(r, opts, False)
+        return
+    _print_report(result, opts, as_json)
 
 
 def _print_report(report, opts, as_json: bool) -> None:
@@ -354,7 +392,7 @@ def _print_report(report, opts, as_json: bool) -> None:
         + (f", peak GPU memory {_gb(report.peak_gpu_memory)}" if report.peak_gpu_memory else "")
     )
     for w in report.warnings:
-        print(w if w.startswith(("engine:", "resume:", "sink:", "cpu engine:")) else f"warning: {w}")
+        print(w if w.startswith(("engine:", "resume:", "sink:", "cpu engine:", "cuda engine:", "sweep:")) else f"warning: {w}")
     if report.pushed:
         print(f"pushed: {report.pushed}")
     if report.nonfinite:
@@ -374,7 +412,7 @@ def plan(
     sft: SftArg,
     grpo: GrpoArg,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output directory, to check paths and disk.")] = None,
-    alpha: AlphaOpt = 1.0,
+    alpha: SweepAlphaOpt = "1",
     chunk_size: ChunkOpt = "16MiB",
     max_shard_size: ShardOpt = "5GB",
     out_dtype: OutDtypeOpt = None,
@@ -389,32 +427,32 @@ def plan(
 ) -> None:
     """Read headers only: pairing, output layout, bytes to move, disk and memory needed. Fails on what merge would.
 
-    Example:
+    Examples:
 
       streammerge plan Qwen2.5-7B-Instruct ./sft ./grpo -o ./merged
+
+      streammerge plan Qwen2.5-7B-Instruct ./sft ./grpo --alpha 0.5,1,1.5   # a sweep: outputs, disk, memory
     """
-    _run(
-        lambda: _plan_body(
-            target,
-            sft,
-            grpo,
-            out,
-            _options(
-                alpha=alpha,
-                chunk_bytes=chunk_size,
-                max_shard_size=max_shard_size,
-                out_dtype=out_dtype,
-                missing=missing,
-                extra=extra,
-                shape_mismatch=shape_mismatch,
-                unsupported_dtype=unsupported_dtype,
-                vocab_mismatch=vocab_mismatch,
-                rule=rule,
-                rules_file=rules,
-            ),
-            as_json,
+    from .api import parse_alphas
+
+    def body():
+        alphas = parse_alphas(alpha)
+        opts = _options(
+            alpha=alphas[0],
+            chunk_bytes=chunk_size,
+            max_shard_size=max_shard_size,
+            out_dtype=out_dtype,
+            missing=missing,
+            extra=extra,
+            shape_mismatch=shape_mismatch,
+            unsupported_dtype=unsupported_dtype,
+            vocab_mismatch=vocab_mismatch,
+            rule=rule,
+            rules_file=rules,
         )
-    )
+        _plan_body(target, sft, grpo, out, opts, as_json, alphas=alphas if len(alphas) > 1 else None)
+
+    _run(body)
 
 
 @app.command()
@@ -521,6 +559,101 @@ def apply_cmd(
             target, vector, out, options=opts, resume=resume, push_to=push_to, private=private, any_vector=any_vector
         )
         _print_report(r, opts, as_json)
+
+    _run(body)
+
+
+@app.command()
+def combine(
+    spec: Annotated[str, typer.Argument(help="TOML or YAML spec: target, \\[\\[vectors]] (sft+grpo or vector, alpha).")],
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Output directory (new or empty); required unless --sink null.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    chunk_size: Annotated[str | None, typer.Option("--chunk-size", help="Largest buffer per chunk (16MiB).")] = None,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Output shard limit (5GB).")] = None,
+    out_dtype: OutDtypeOpt = None,
+    missing: Annotated[str | None, typer.Option("--missing", help="error or copy-target.")] = None,
+    extra: Annotated[str | None, typer.Option("--extra", help="error or ignore.")] = None,
+    shape_mismatch: Annotated[str | None, typer.Option("--shape-mismatch", help="error or copy-target.")] = None,
+    unsupported_dtype: Annotated[str | None, typer.Option("--unsupported-dtype", help="error or copy-target.")] = None,
+    vocab_mismatch: Annotated[
+        str | None, typer.Option("--vocab-mismatch", help="error, common-rows or copy-target.")
+    ] = None,
+    threads: ThreadsOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous streammerge output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (same spec).")] = False,
+    check_finite: Annotated[
+        bool, typer.Option("--check-finite", help="Report tensors that became NaN/inf from finite inputs.")
+    ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="With --check-finite: fail on such a tensor.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: check everything, write nothing.")] = False,
+    sink: Annotated[str, typer.Option("--sink", help="disk, null or null-sha256 (benchmarks).")] = "disk",
+    push_to: Annotated[
+        str | None, typer.Option("--push-to", help="Upload the finished, verified output to this Hub repo id.")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo as private.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only errors and the summary.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Many vectors: OUT = TARGET + sum_i alpha_i * (GRPO_i - SFT_i), every input read once.
+
+    The spec (TOML, or YAML with a .yaml/.yml name) lists the target and the vectors, each a pair (sft, grpo) or a
+    stored vector from `streammerge extract`, with its alpha and optional per-vector rules ("REGEX=ALPHA"). Top-level
+    rules (REGEX=ALPHA|copy-target|skip) and an \\[options] table work as in merge; options given here override the
+    spec's. Paths are relative to the spec file. Vectors are added left to right in float32, rounded once.
+
+    Examples:
+
+      streammerge combine spec.toml -o merged/
+
+      streammerge combine spec.toml --dry-run
+
+    A spec:
+
+      target = "Qwen/Qwen2.5-7B-Instruct"
+      rules = ["embed_tokens|lm_head=copy-target"]
+      \\[\\[vectors]]
+      sft = "./math-sft"
+      grpo = "./math-grpo"
+      alpha = 1.0
+      \\[\\[vectors]]
+      vector = "./code-vector"
+      alpha = 0.5
+    """
+    if out is None and sink == "disk" and not dry_run:
+        raise typer.BadParameter("give the output directory with -o/--out (or use --sink null)", param_hint="-o")
+
+    def body():
+        from .api import combine as combine_fn
+        from .api import plan_combine
+
+        given = {
+            "chunk_bytes": chunk_size,
+            "max_shard_size": max_shard_size,
+            "out_dtype": out_dtype,
+            "missing": missing,
+            "extra": extra,
+            "shape_mismatch": shape_mismatch,
+            "unsupported_dtype": unsupported_dtype,
+            "vocab_mismatch": vocab_mismatch,
+            "threads": threads,
+        }
+        kw = {k: v for k, v in given.items() if v is not None}
+        kw.update(device=device, overwrite=overwrite, check_finite=check_finite or strict, strict=strict)
+        if dry_run:
+            _show_plan(plan_combine(spec, out, **kw), out, as_json)
+            return
+        from .options import MergeOptions
+
+        report_opts = MergeOptions.create(check_finite=check_finite or strict)
+
+        def run(progress=None):
+            return combine_fn(
+                spec, out, progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, **kw
+            )
+
+        _merge_body(run, report_opts, quiet, as_json)
 
     _run(body)
 

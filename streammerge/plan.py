@@ -178,7 +178,7 @@ class MergePlan:
                 parts.append(f"{v['alpha']!r} * ({diff})")
             return " + ".join(parts)
         f = FORMULAS[self.kind].replace("target", self.sources.get("target", "target"))
-        return f.replace("alpha", repr(float(self.options.alpha)))
+        return f if self.variants else f.replace("alpha", repr(float(self.options.alpha)))
 
     @property
     def merged(self) -> int:
@@ -223,6 +223,7 @@ class MergePlan:
             "sources": self.sources,
             "formula": self.formula,
             "alpha": [v.options.alpha for v in self.variants] if self.variants else self.options.alpha,
+            "outputs": self.outputs,
             **({"vectors": list(self.vectors)} if self.kind == "combine" else {}),
             "tensors": len(self.tensors),
             "parameters": self.parameters,

@@ -61,6 +61,27 @@ def expected_bits(
         d = g32 - s32
         m = a32 * d
         r = t32 + m
+    return round_out(r, out_dtype)
+
+
+def expected_bits_many(
+    t: np.ndarray, t_dtype: str, vectors: list[tuple], out_dtype: str
+) -> np.ndarray:
+    """Several vectors: ``r = t32``, then ``r = r + f32(alpha) * (p32 - m32)`` for each ``(p, p_dtype, m, m_dtype,
+    alpha)`` in order (``m`` None: a stored vector, ``r + f32(alpha) * p32``), and one rounding."""
+    r = widen(t, t_dtype)
+    with np.errstate(all="ignore"):
+        for p, p_dtype, m, m_dtype, alpha in vectors:
+            d = widen(p, p_dtype)
+            if m is not None:
+                d = d - widen(m, m_dtype)
+            r = r + np.float32(alpha) * d
+    return round_out(r, out_dtype)
+
+
+def round_out(r: np.ndarray, out_dtype: str) -> np.ndarray:
+    """float32 values -> bit patterns of ``out_dtype`` (round to nearest even, canonical NaN)."""
+    with np.errstate(all="ignore"):
         if out_dtype == "F32":
             out = r.view(np.uint32).copy()
             out[np.isnan(r)] = CANON_NAN["F32"]

@@ -465,6 +465,53 @@ def test_sim_engine_extract_and_apply(mixed_trio, cpu_outputs, tmp_path, monkeyp
         assert np.array_equal(raw_bits(a[name]), raw_bits(b[name])), f"apply(extract) != merge: {name}"
 
 
+SWEEP = [1.0, -0.5, 2.0]
+
+
+def _many_spec(mixed_trio, vec: Path) -> dict:
+    """Three vectors: the trio's pair, the same pair reversed (the same mappings in other roles), a stored vector."""
+    target, sft, grpo = (str(p) for p in mixed_trio)
+    return {
+        "target": target,
+        "vectors": [
+            {"sft": sft, "grpo": grpo, "alpha": 0.5},
+            {"sft": grpo, "grpo": sft, "alpha": 0.25, "rules": ["embed_tokens=3"]},
+            {"vector": str(vec), "alpha": -1.5},
+        ],
+    }
+
+
+@pytest.mark.parametrize("path", ["registered", "staging", "refused-after-5"])
+def test_sim_engine_sweep_and_many_vectors(mixed_trio, tmp_path, monkeypatch, path) -> None:
+    """A sweep (one kernel and one pinned slot per output; a rule's fixed alpha: one for all) and a three-vector
+    spec (chained through the float32 accumulator) give the CPU engine's bytes on every input path."""
+    sim_kw, eng_kw = SIM_PATHS[path]
+    kw = {**MERGE_KW, "rules": ["up_proj=0.5"]}
+    cpu = streammerge.sweep(*mixed_trio, tmp_path / "cpu", SWEEP, device="cpu", **kw)
+    vec = tmp_path / "vec"
+    streammerge.extract(mixed_trio[1], mixed_trio[2], vec, device="cpu", chunk_bytes=CHUNK)
+    spec = _many_spec(mixed_trio, vec)
+    cpu_many = streammerge.combine(spec, tmp_path / "cpu-many", device="cpu", **MERGE_KW)
+    sim = ce.SimBackend(seed=11, **sim_kw)
+    _with_engine(monkeypatch, ce.CudaEngine(window_bytes=WINDOW, register_ahead_bytes=AHEAD, backend=sim, **eng_kw))
+    got = streammerge.sweep(*mixed_trio, tmp_path / "sim", SWEEP, **kw)
+    assert [r.shard_sha256 for r in got] == [r.shard_sha256 for r in cpu]
+    assert len({tuple(r.shard_sha256.values()) for r in got}) == len(SWEEP)
+    _check_sim_clean(sim, got[0].warnings)
+    assert any("3 out" in w for w in got[0].warnings), got[0].warnings
+    many = streammerge.combine(spec, tmp_path / "sim-many", **MERGE_KW)
+    assert many.shard_sha256 == cpu_many.shard_sha256
+    _check_sim_clean(sim, many.warnings)
+    assert any("+ acc" in w for w in many.warnings), many.warnings
+
+
+def test_device_memory_counts_inputs_and_outputs() -> None:
+    chunk = 64 * 2**20
+    assert ce.device_memory_bytes(chunk) == 2 * 4 * chunk
+    assert ce.device_memory_bytes(chunk, outputs=3) == 2 * 6 * chunk
+    assert ce.device_memory_bytes(chunk, inputs=7) == 2 * (7 + 1 + 1) * chunk  # + the float32 accumulator
+
+
 @pytest.fixture(scope="module")
 def overflow_trio(tmp_path_factory) -> tuple[Path, Path, Path]:
     """bf16 values near the top of the range whose merge overflows to inf from finite inputs."""
@@ -701,6 +748,23 @@ def test_cuda_merge_matches_cpu(mixed_trio, cpu_outputs, tmp_path, monkeypatch, 
     # Null sink.
     report = streammerge.merge(*mixed_trio, tmp_path / "null", **MERGE_KW, sink="null-sha256")
     assert report.shard_sha256 == cpu_outputs["default"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_sweep_and_many_vectors_match_cpu(mixed_trio, tmp_path) -> None:
+    _needs_compiled_kernel()
+    kw = {**MERGE_KW, "rules": ["up_proj=0.5"]}
+    cpu = streammerge.sweep(*mixed_trio, tmp_path / "cpu", SWEEP, device="cpu", **kw)
+    got = streammerge.sweep(*mixed_trio, tmp_path / "gpu", SWEEP, device="cuda", **kw)
+    assert [r.shard_sha256 for r in got] == [r.shard_sha256 for r in cpu]
+    assert got[0].device == "cuda"
+    vec = tmp_path / "vec"
+    streammerge.extract(mixed_trio[1], mixed_trio[2], vec, device="cpu", chunk_bytes=CHUNK)
+    spec = _many_spec(mixed_trio, vec)
+    want = streammerge.combine(spec, tmp_path / "cpu-many", device="cpu", **MERGE_KW)
+    many = streammerge.combine(spec, tmp_path / "gpu-many", device="cuda", **MERGE_KW)
+    assert many.shard_sha256 == want.shard_sha256 and many.device == "cuda"
 
 
 @pytest.mark.cuda
