@@ -18,7 +18,16 @@ from .engines import EngineStats, Progress
 from .errors import EngineError, OptionsError, OutputError
 from .memory import available_memory
 from .options import MergeOptions
-from .plan import FORMULAS, MergePlan, VectorInput, _printable, build_plan, build_vector_plan, check_disk_space, sweep_plan
+from .plan import (
+    FORMULAS,
+    MergePlan,
+    VectorInput,
+    _printable,
+    build_plan,
+    build_vector_plan,
+    check_disk_space,
+    sweep_plan,
+)
 from .spec import Spec, load_spec
 from .writer import MANIFEST, NullWriter, OutputWriter, SweepWriter
 
@@ -307,7 +316,9 @@ def parse_alphas(value) -> list[float]:
         try:
             return [float(p) for p in parts]
         except ValueError:
-            raise OptionsError(f"alpha: {value!r}: expected a number or a comma-separated list like 0.5,1,1.5") from None
+            raise OptionsError(
+                f"alpha: {value!r}: expected a number or a comma-separated list like 0.5,1,1.5"
+            ) from None
     if isinstance(value, (list, tuple)):
         return [float(v) for v in value]
     return [float(value)]

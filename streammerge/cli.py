@@ -161,7 +161,9 @@ def _print_plan(summary: dict, out: str | None) -> None:
     s = summary
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["copied_reasons"].items())) or "none"
     srcs = [f"{k:<7} {v}" for k, v in s["sources"].items()]
-    alpha = ", ".join(map(repr, s["alpha"])) + " (one output each)" if isinstance(s["alpha"], list) else repr(s["alpha"])
+    alpha = (
+        ", ".join(map(repr, s["alpha"])) + " (one output each)" if isinstance(s["alpha"], list) else repr(s["alpha"])
+    )
     lines = [
         *srcs,
         f"formula {s['formula']}",
@@ -169,7 +171,13 @@ def _print_plan(summary: dict, out: str | None) -> None:
         f"tensors {s['tensors']} ({s['parameters']:,} parameters): {s['merged']} merged, {s['copied']} copied "
         f"({reasons})" + (f", {s['ignored_extra']} sft/grpo-only ignored" if s["ignored_extra"] else ""),
         f"output  {len(s['output_files'])} file(s)"
-        + (f" in each of {s['outputs']} outputs {out or 'OUT'}/alpha-A/" if s["outputs"] > 1 else f" in {out}" if out else ""),
+        + (
+            f" in each of {s['outputs']} outputs {out or 'OUT'}/alpha-A/"
+            if s["outputs"] > 1
+            else f" in {out}"
+            if out
+            else ""
+        ),
         f"read    {_gb(s['bytes_read'])}",
         f"write   {_gb(s['bytes_written'])}",
         f"disk    {_gb(s['disk_needed'])} needed"
@@ -309,7 +317,9 @@ def merge(
                 raise typer.BadParameter("a sweep writes one output per alpha; push the one you keep later")
 
             def run(progress=None):
-                return sweep_fn(target, sft, grpo, out, sweep, options=opts, progress=progress, resume=resume, sink=sink)
+                return sweep_fn(
+                    target, sft, grpo, out, sweep, options=opts, progress=progress, resume=resume, sink=sink
+                )
 
         else:
             from .api import merge as merge_fn
@@ -392,7 +402,11 @@ def _print_report(report, opts, as_json: bool) -> None:
         + (f", peak GPU memory {_gb(report.peak_gpu_memory)}" if report.peak_gpu_memory else "")
     )
     for w in report.warnings:
-        print(w if w.startswith(("engine:", "resume:", "sink:", "cpu engine:", "cuda engine:", "sweep:")) else f"warning: {w}")
+        print(
+            w
+            if w.startswith(("engine:", "resume:", "sink:", "cpu engine:", "cuda engine:", "sweep:"))
+            else f"warning: {w}"
+        )
     if report.pushed:
         print(f"pushed: {report.pushed}")
     if report.nonfinite:
@@ -565,7 +579,9 @@ def apply_cmd(
 
 @app.command()
 def combine(
-    spec: Annotated[str, typer.Argument(help="TOML or YAML spec: target, \\[\\[vectors]] (sft+grpo or vector, alpha).")],
+    spec: Annotated[
+        str, typer.Argument(help="TOML or YAML spec: target, \\[\\[vectors]] (sft+grpo or vector, alpha).")
+    ],
     out: Annotated[
         str | None, typer.Option("--out", "-o", help="Output directory (new or empty); required unless --sink null.")
     ] = None,

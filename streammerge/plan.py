@@ -326,8 +326,13 @@ def build_vector_plan(
     rules = options.rules
     rule_hits = {r.describe(): 0 for r in rules}
     many = len(vectors) > 1
-    vec_rule_key = [[f"{v.plus_role if v.minus_role is None else v.minus_role + '/' + v.plus_role}: {r.describe()}"
-                     for r in v.rules] for v in vectors]
+    vec_rule_key = [
+        [
+            f"{v.plus_role if v.minus_role is None else v.minus_role + '/' + v.plus_role}: {r.describe()}"
+            for r in v.rules
+        ]
+        for v in vectors
+    ]
     for keys in vec_rule_key:
         rule_hits.update({k: 0 for k in keys})
     vocab_re = re.compile(VOCAB_TENSOR_RE)
@@ -561,7 +566,9 @@ def _layout(
     )
     by_name = {t.name: t for t in out}
     if kind == "combine":
-        described = [{k: (v if k in ("alpha", "rules") else _printable(sources[v])) for k, v in d.items()} for d in vectors]
+        described = [
+            {k: (v if k in ("alpha", "rules") else _printable(sources[v])) for k, v in d.items()} for d in vectors
+        ]
         specific = {
             "streammerge_vectors": json.dumps(described, ensure_ascii=False),
             **({"streammerge_rules": "; ".join(r.describe() for r in options.rules)} if options.rules else {}),

@@ -139,7 +139,9 @@ def parse_spec(data: dict, source: str = "<spec>", base_dir: str | os.PathLike |
             raise OptionsError(f"{where}: expected a table with sft and grpo (or vector) and alpha")
         unknown = sorted(set(v) - set(VECTOR_KEYS))
         if unknown:
-            raise OptionsError(f"{where}: unknown key(s) {', '.join(unknown)}; a vector has sft, grpo, vector, alpha, rules")
+            raise OptionsError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; a vector has sft, grpo, vector, alpha, rules"
+            )
         pair = "sft" in v or "grpo" in v
         if pair == ("vector" in v) or (pair and not ("sft" in v and "grpo" in v)):
             raise OptionsError(f"{where}: give either both 'sft' and 'grpo', or 'vector' (from streammerge extract)")
@@ -147,7 +149,9 @@ def parse_spec(data: dict, source: str = "<spec>", base_dir: str | os.PathLike |
         rules = _rules(where, v.get("rules"), alpha_only=True)
         if pair:
             vs = VectorSpec(
-                alpha, sft=_resolve(base, v["sft"], f"{where}.sft"), grpo=_resolve(base, v["grpo"], f"{where}.grpo"),
+                alpha,
+                sft=_resolve(base, v["sft"], f"{where}.sft"),
+                grpo=_resolve(base, v["grpo"], f"{where}.grpo"),
                 rules=rules,
             )
         else:
@@ -158,8 +162,12 @@ def parse_spec(data: dict, source: str = "<spec>", base_dir: str | os.PathLike |
         raise OptionsError(f"{source}: 'options' must be a table of merge options")
     bad = sorted(set(options) & {"alpha", "rules"})
     if bad:
-        raise OptionsError(f"{source}: options.{bad[0]} is not allowed: alphas go in each vector, rules at the top level")
-    return Spec(target, tuple(vectors), _rules(f"{source}: rules", data.get("rules"), alpha_only=False), dict(options), source)
+        raise OptionsError(
+            f"{source}: options.{bad[0]} is not allowed: alphas go in each vector, rules at the top level"
+        )
+    return Spec(
+        target, tuple(vectors), _rules(f"{source}: rules", data.get("rules"), alpha_only=False), dict(options), source
+    )
 
 
 def load_spec(spec: str | os.PathLike | dict | Spec) -> Spec:

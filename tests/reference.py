@@ -64,9 +64,7 @@ def expected_bits(
     return round_out(r, out_dtype)
 
 
-def expected_bits_many(
-    t: np.ndarray, t_dtype: str, vectors: list[tuple], out_dtype: str
-) -> np.ndarray:
+def expected_bits_many(t: np.ndarray, t_dtype: str, vectors: list[tuple], out_dtype: str) -> np.ndarray:
     """Several vectors: ``r = t32``, then ``r = r + f32(alpha) * (p32 - m32)`` for each ``(p, p_dtype, m, m_dtype,
     alpha)`` in order (``m`` None: a stored vector, ``r + f32(alpha) * p32``), and one rounding."""
     r = widen(t, t_dtype)

@@ -157,7 +157,9 @@ def test_sweep_interrupted_then_resumed_gives_the_same_bytes(five, tmp_path) -> 
 def test_sweep_outputs_verify_against_their_inputs(five, tmp_path) -> None:
     streammerge.sweep(five["t"], five["s1"], five["g1"], tmp_path / "sw", [0.5, 3.0], **KW)
     for a in (0.5, 3.0):
-        rep = streammerge.verify(tmp_path / "sw" / streammerge.sweep_dirname(a), five["t"], five["s1"], five["g1"], full=True)
+        rep = streammerge.verify(
+            tmp_path / "sw" / streammerge.sweep_dirname(a), five["t"], five["s1"], five["g1"], full=True
+        )
         assert rep.ok, rep.errors
 
 
@@ -167,7 +169,9 @@ def test_sweep_check_finite_counts_per_output(tmp_path) -> None:
     t = write_checkpoint(tmp_path / "t", {"w": big})
     s = write_checkpoint(tmp_path / "s", {"w": zero})
     g = write_checkpoint(tmp_path / "g", {"w": big.clone()})
-    reports = streammerge.sweep(t, s, g, tmp_path / "sw", [-1.0, 0.5], check_finite=True, chunk_bytes=4096, device="cpu")
+    reports = streammerge.sweep(
+        t, s, g, tmp_path / "sw", [-1.0, 0.5], check_finite=True, chunk_bytes=4096, device="cpu"
+    )
     assert reports[0].nonfinite == {}  # t - g = 0
     assert reports[1].nonfinite == {"w": 600}  # 3e38 + 1.5e38 overflows bf16
 
@@ -181,8 +185,9 @@ def test_sweep_cli(five, tmp_path) -> None:
     assert [Path(x["out_dir"]).name for x in reports] == ["alpha-0.5", "alpha-1"]
     r = runner.invoke(app, ["plan", str(five["t"]), str(five["s1"]), str(five["g1"]), "--alpha", "0.5,1,2"])
     assert r.exit_code == 0 and "one output each" in r.stdout and "3 outputs" in r.stdout, r.output
-    r = runner.invoke(app, ["merge", str(five["t"]), str(five["s1"]), str(five["g1"]), "-o", str(tmp_path / "z"),
-                            "--alpha", "1,1"])
+    r = runner.invoke(
+        app, ["merge", str(five["t"]), str(five["s1"]), str(five["g1"]), "-o", str(tmp_path / "z"), "--alpha", "1,1"]
+    )
     assert r.exit_code == 1 and "repeated" in r.output and "Traceback" not in r.output
 
 
@@ -207,8 +212,10 @@ def test_two_vectors_match_the_independent_reference(five, tmp_path, out_dtype) 
     out = _raw(tmp_path / "c")
     assert out.keys() == set(SHAPES)
     for name, (bits, dt) in out.items():
-        vec = [(g1[name][0], g1[name][1], s1[name][0], s1[name][1], 0.7),
-               (g2[name][0], g2[name][1], s2[name][0], s2[name][1], -0.3)]
+        vec = [
+            (g1[name][0], g1[name][1], s1[name][0], s1[name][1], 0.7),
+            (g2[name][0], g2[name][1], s2[name][0], s2[name][1], -0.3),
+        ]
         want = expected_bits_many(t[name][0], t[name][1], vec, dt)
         assert np.array_equal(bits, want), name
     assert load_all(tmp_path / "c")["step"].item() == 7  # non-floating: the target's
@@ -261,8 +268,10 @@ def test_global_and_per_vector_rules(five, tmp_path) -> None:
     out = _raw(tmp_path / "c")
     assert np.array_equal(out["model.embed_tokens.weight"][0], t["model.embed_tokens.weight"][0])
     for name, a1, a2 in (("model.norm.weight", 0.0, 0.0), ("model.layers.0.mlp.up_proj.weight", 2.5, -0.3)):
-        vec = [(g1[name][0], g1[name][1], s1[name][0], s1[name][1], a1),
-               (g2[name][0], g2[name][1], s2[name][0], s2[name][1], a2)]
+        vec = [
+            (g1[name][0], g1[name][1], s1[name][0], s1[name][1], a1),
+            (g2[name][0], g2[name][1], s2[name][0], s2[name][1], a2),
+        ]
         assert np.array_equal(out[name][0], expected_bits_many(t[name][0], t[name][1], vec, out[name][1])), name
     spec["vectors"][1]["rules"] = ["no_such_tensor=1"]
     with pytest.raises(TensorMismatchError, match="sft2/grpo2: no_such_tensor=1.0"):
@@ -273,11 +282,20 @@ def test_vocab_common_rows_with_vectors_of_different_sizes(tmp_path) -> None:
     shapes = {"model.embed_tokens.weight": (30, 8), "model.norm.weight": (8,)}
     t, s, g = make_related(shapes, seed=1)
     t2, s2, g2 = make_related({**shapes, "model.embed_tokens.weight": (26, 8)}, seed=2)
-    t = {**t, "model.embed_tokens.weight": make_related({"model.embed_tokens.weight": (28, 8)}, seed=3)[0][
-        "model.embed_tokens.weight"]}
+    t = {
+        **t,
+        "model.embed_tokens.weight": make_related({"model.embed_tokens.weight": (28, 8)}, seed=3)[0][
+            "model.embed_tokens.weight"
+        ],
+    }
     dirs = {n: write_checkpoint(tmp_path / n, sd) for n, sd in (("t", t), ("s1", s), ("g1", g), ("s2", s2), ("g2", g2))}
-    spec = {"target": str(dirs["t"]), "vectors": [{"sft": str(dirs["s1"]), "grpo": str(dirs["g1"])},
-                                                   {"sft": str(dirs["s2"]), "grpo": str(dirs["g2"]), "alpha": 0.5}]}
+    spec = {
+        "target": str(dirs["t"]),
+        "vectors": [
+            {"sft": str(dirs["s1"]), "grpo": str(dirs["g1"])},
+            {"sft": str(dirs["s2"]), "grpo": str(dirs["g2"]), "alpha": 0.5},
+        ],
+    }
     with pytest.raises(TensorMismatchError, match="vocabulary size mismatch"):
         streammerge.plan_combine(spec)
     streammerge.combine(spec, tmp_path / "c", vocab_mismatch="common-rows", device="cpu")
@@ -285,8 +303,10 @@ def test_vocab_common_rows_with_vectors_of_different_sizes(tmp_path) -> None:
     name = "model.embed_tokens.weight"
     bits = {k: raw_bits(v[name]) for k, v in (("t", t), ("s1", s), ("g1", g), ("s2", s2), ("g2", g2))}
     rows = 26 * 8
-    vec = [(bits["g1"][:rows], "BF16", bits["s1"][:rows], "BF16", 1.0),
-           (bits["g2"][:rows], "BF16", bits["s2"][:rows], "BF16", 0.5)]
+    vec = [
+        (bits["g1"][:rows], "BF16", bits["s1"][:rows], "BF16", 1.0),
+        (bits["g2"][:rows], "BF16", bits["s2"][:rows], "BF16", 0.5),
+    ]
     assert np.array_equal(out.reshape(-1)[:rows], expected_bits_many(bits["t"][:rows], "BF16", vec, "BF16"))
     assert np.array_equal(out.reshape(-1)[rows:], bits["t"][rows:])  # the target's own rows
 
@@ -361,11 +381,15 @@ def test_spec_file_errors(tmp_path) -> None:
 
 def test_combine_cli_dry_run_and_run(five, tmp_path) -> None:
     spec = five["t"].parent / "cli.toml"
-    spec.write_text('target = "t"\n[[vectors]]\nsft = "s1"\ngrpo = "g1"\n[[vectors]]\nsft = "s2"\ngrpo = "g2"\nalpha = 0.5\n')
+    spec.write_text(
+        'target = "t"\n[[vectors]]\nsft = "s1"\ngrpo = "g1"\n[[vectors]]\nsft = "s2"\ngrpo = "g2"\nalpha = 0.5\n'
+    )
     r = runner.invoke(app, ["combine", str(spec), "--dry-run"])
     assert r.exit_code == 0, r.output
     assert "grpo2" in r.stdout and "0.5 * (grpo2 - sft2)" in r.stdout
-    r = runner.invoke(app, ["combine", str(spec), "-o", str(tmp_path / "o"), "--device", "cpu", "--json", "--chunk-size", "4KiB"])
+    r = runner.invoke(
+        app, ["combine", str(spec), "-o", str(tmp_path / "o"), "--device", "cpu", "--json", "--chunk-size", "4KiB"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["tensors_merged"] == len(SHAPES)
     r = runner.invoke(app, ["combine", "--help"])
@@ -381,7 +405,7 @@ def test_combine_resume_refuses_another_spec(five, tmp_path) -> None:
     argv[4] = str(spec)
     r = subprocess.run(argv, env={**os.environ, "STREAMMERGE_CRASH_AT": "chunk:3"}, capture_output=True, text=True)
     assert r.returncode != 0
-    spec.write_text(spec.read_text().replace("grpo = \"g2\"\n", "grpo = \"g2\"\nalpha = 0.5\n"))
+    spec.write_text(spec.read_text().replace('grpo = "g2"\n', 'grpo = "g2"\nalpha = 0.5\n'))
     r = subprocess.run([*argv, "--resume"], capture_output=True, text=True)
     assert r.returncode == 1 and "resume" in r.stderr, r.stderr
     spec.write_text(spec.read_text().replace("alpha = 0.5\n", ""))
