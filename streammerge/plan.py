@@ -170,6 +170,11 @@ class MergePlan:
         return max(1, len(self.variants))
 
     @property
+    def max_vectors(self) -> int:
+        """The most vectors any tensor adds (1 for the three-way merge)."""
+        return max([len(t.terms) for t in self.tensors] or [1])
+
+    @property
     def formula(self) -> str:
         if self.kind == "combine":
             parts = [self.sources.get("target", "target")]
@@ -200,7 +205,7 @@ class MergePlan:
         """Host buffers the CPU engine allocates: a bound on anonymous memory growth, independent of model size."""
         from .engines.cpu import host_buffer_bytes
 
-        return host_buffer_bytes(self.options.chunk_bytes, self.options.threads, self.outputs)
+        return host_buffer_bytes(self.options.chunk_bytes, self.options.threads, self.outputs, self.max_vectors)
 
     def expected_gpu_memory(self) -> int:
         """Device buffers the CUDA engine allocates (slots x (inputs + outputs) x chunk, plus fixed extras)."""

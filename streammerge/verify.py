@@ -162,7 +162,7 @@ def _recompute(
         items = (it for k, it in enumerate(iter_work(plan)) if chosen is None or k in chosen)
         buf = torch.empty(opts.chunk_bytes, dtype=torch.uint8)
         sub = min(SUB_BLOCK_ELEMS, opts.chunk_elems)
-        scratch = [(torch.empty(sub), torch.empty(sub))]
+        scratch = [(torch.empty(sub), torch.empty(sub), torch.empty(sub))]
         stats = EngineStats(device="cpu")
         for item in items:
             t = item.tensor

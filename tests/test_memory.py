@@ -47,6 +47,7 @@ SCRIPT = textwrap.dedent(
                 return int(line.split()[1]) * 1024
 
     t, s, g, out, chunk = sys.argv[1:6]
+    alphas = sys.argv[6] if len(sys.argv) > 6 else ""
     peak = {"anon": 0, "rss": 0}
     stop = False
     def sample():
@@ -57,7 +58,10 @@ SCRIPT = textwrap.dedent(
     streammerge.kernels.reference.fast_cast_is_exact("BF16")
     base_anon, base_rss = rss_anon(), vmrss()
     th = threading.Thread(target=sample, daemon=True); th.start()
-    r = streammerge.merge(t, s, g, out, device="cpu", chunk_bytes=int(chunk), max_shard_size="1GB")
+    if alphas:
+        r = streammerge.sweep(t, s, g, out, alphas, device="cpu", chunk_bytes=int(chunk), max_shard_size="1GB")[0]
+    else:
+        r = streammerge.merge(t, s, g, out, device="cpu", chunk_bytes=int(chunk), max_shard_size="1GB")
     stop = True; th.join()
     print(json.dumps({"anon": peak["anon"] - base_anon, "rss": peak["rss"] - base_rss,
                       "report_anon": r.peak_rss_anon - base_anon, "read": r.bytes_read}))
@@ -65,11 +69,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _measure(tmp_path: Path, name: str, tensors) -> dict:
+def _measure(tmp_path: Path, name: str, tensors, alphas: str = "") -> dict:
     root = tmp_path / name
     dirs = [_sparse_checkpoint(root / k, tensors) for k in ("t", "s", "g")]
     r = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *map(str, dirs), str(root / "out"), str(CHUNK)],
+        [sys.executable, "-c", SCRIPT, *map(str, dirs), str(root / "out"), str(CHUNK), *([alphas] if alphas else [])],
         capture_output=True,
         text=True,
         timeout=600,
@@ -95,3 +99,13 @@ def test_anon_memory_bounded_by_chunk_not_tensor_or_model(tmp_path):
     )
     # no growth with model size beyond noise
     assert abs(many["anon"] - big["anon"]) < 24 * MB, (big, many)
+
+
+def test_sweep_memory_is_bounded_by_chunk_times_outputs(tmp_path):
+    """A 3-alpha sweep holds one chunk per output per slot: more than a merge, still independent of the model."""
+    bound = host_buffer_bytes(CHUNK, outputs=3) + ALLOWANCE
+    big = _measure(tmp_path, "sweep", [("embed", (8192, 8192))], alphas="0.5,1,1.5")
+    assert big["read"] == 3 * 8192 * 8192 * 2  # each input read once for three outputs
+    assert big["anon"] < bound, f"anonymous memory grew by {big['anon'] / MB:.0f} MB, bound {bound / MB:.0f} MB"
+    assert big["rss"] < bound + 64 * MB, f"total RSS grew by {big['rss'] / MB:.0f} MB"
+    print(f"sweep anon growth {big['anon'] / MB:.0f} MB, rss {big['rss'] / MB:.0f} MB, bound {bound / MB:.0f} MB")

@@ -1192,8 +1192,9 @@ class CudaEngine:
         total_bytes = work_bytes(plan, skip)
         total_tensors = sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
         n_out = plan.outputs
-        # A sweep's chunk takes one pinned slot per output at once.
-        S, P = self.slots, self.host_slots + n_out - 1
+        # A sweep's chunk takes one pinned slot per output at once: two chunks' worth plus a spare keep the GPU
+        # issuing the next chunk while the writer drains the previous one (as the CPU engine's output_slots).
+        S, P = self.slots, (self.host_slots if n_out == 1 else max(self.host_slots, 2 * n_out + 1))
 
         # ---- what each GPU chunk reads, and the windows over it
         # One checkpoint may stand in several roles (extract passes grpo as the target too): windows are per mapping,
@@ -1320,6 +1321,10 @@ class CudaEngine:
                             for j, p in enumerate(job.slots):
                                 data = buf.host_out[p][: _out_bytes(t, item)]
                                 write_out(t.file, t.offset + _out_offset(t, item), data.numpy(), j if many else None)
+                                del data
+                                if j < len(job.slots) - 1:
+                                    ring.release(p)  # written: back to the issuing thread at once
+                                    job.slots[j] = -1
                         else:
                             write_out(t.file, t.offset + item.start, job.view.numpy())  # type: ignore[union-attr]
                             # Drop the copied pages from this process, unless a registered window holds them: pages
@@ -1338,7 +1343,8 @@ class CudaEngine:
                     job.view = None
                     if job.kind == "slot":
                         for p in job.slots:
-                            ring.release(p)
+                            if p >= 0:
+                                ring.release(p)
 
         def put(job: _Job) -> None:
             while True:
