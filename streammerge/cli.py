@@ -784,6 +784,7 @@ def verify(
     target: Annotated[str | None, typer.Option("--target", help="Target checkpoint, to recompute chunks.")] = None,
     sft: Annotated[str | None, typer.Option("--sft", help="SFT checkpoint, to recompute chunks.")] = None,
     grpo: Annotated[str | None, typer.Option("--grpo", help="GRPO checkpoint, to recompute chunks.")] = None,
+    spec: Annotated[str | None, typer.Option("--spec", help="For a combine output: its spec, to recompute.")] = None,
     full: Annotated[bool, typer.Option("--full", help="Recompute every chunk (reads all inputs).")] = False,
     sample: Annotated[int, typer.Option("--sample", help="Chunks to recompute without --full.")] = 64,
     as_json: JsonOpt = False,
@@ -795,6 +796,8 @@ def verify(
       streammerge verify merged/
 
       streammerge verify merged/ --target t/ --sft s/ --grpo g/ --full
+
+      streammerge verify combined/ --spec spec.toml --sample 256
     """
 
     def body():
@@ -802,7 +805,7 @@ def verify(
 
         from .verify import verify as verify_fn
 
-        r = verify_fn(out, target, sft, grpo, full=full, sample=sample)
+        r = verify_fn(out, target, sft, grpo, spec=spec, full=full, sample=sample)
         if as_json:
             print(json.dumps(asdict(r), indent=2))
         if not r.ok:

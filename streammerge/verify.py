@@ -41,6 +41,7 @@ def verify(
     sft: str | os.PathLike | None = None,
     grpo: str | os.PathLike | None = None,
     *,
+    spec=None,
     full: bool = False,
     sample: int = 64,
     seed: int = 0,
@@ -55,6 +56,7 @@ def verify(
     Args:
         out (`str | os.PathLike`): the output directory.
         target, sft, grpo (`str | os.PathLike`, *optional*): the inputs, all three or none.
+        spec (*optional*): for an output of `combine`, its spec (file, mapping or `Spec`) instead of the three.
         full (`bool`): recompute every chunk.
         sample (`int`): chunks to recompute when not ``full``.
         seed (`int`): which chunks are sampled.
@@ -69,6 +71,8 @@ def verify(
     given = [x is not None for x in (target, sft, grpo)]
     if any(given) and not all(given):
         raise StreamMergeError("verify: give all of --target, --sft and --grpo, or none")
+    if spec is not None and any(given):
+        raise StreamMergeError("verify: give --spec (a combine output) or --target/--sft/--grpo, not both")
     if not out_dir.is_dir():
         raise StreamMergeError(f"{out_dir}: not a directory")
     manifest = read_manifest(out_dir)
@@ -109,13 +113,22 @@ def verify(
     if on_disk != set(shards):
         report.fail(f"{out_dir}: weight files {sorted(on_disk)} differ from the manifest's {sorted(shards)}")
         return report
-    if all(given):
-        _recompute(out_dir, manifest, target, sft, grpo, full, sample, seed, report)
+    if all(given) or spec is not None:
+        _recompute(out_dir, manifest, target, sft, grpo, full, sample, seed, report, spec)
     return report
 
 
 def _recompute(
-    out_dir: Path, manifest: dict, target, sft, grpo, full: bool, sample: int, seed: int, report: VerifyReport
+    out_dir: Path,
+    manifest: dict,
+    target,
+    sft,
+    grpo,
+    full: bool,
+    sample: int,
+    seed: int,
+    report: VerifyReport,
+    spec=None,
 ) -> None:
     from .engines import EngineStats
     from .engines.cpu import SUB_BLOCK_ELEMS, CpuEngine, iter_work
@@ -123,7 +136,12 @@ def _recompute(
     from .plan import Op
 
     o = manifest.get("options", {})
-    if o.get("kind", "merge") != "merge":
+    kind = o.get("kind", "merge")
+    if spec is not None and kind != "combine":
+        raise StreamMergeError(f"{out_dir}: a {kind} output, not one of combine: verify it with --target/--sft/--grpo")
+    if spec is None and kind != "merge":
+        if kind == "combine":
+            raise StreamMergeError(f"{out_dir}: an output of combine: give its spec with --spec to recompute")
         raise StreamMergeError(
             f"{out_dir}: a {o.get('kind')} output; recomputation against --target/--sft/--grpo applies to merges only "
             "(structure and checksums were checked)"
@@ -142,10 +160,17 @@ def _recompute(
         extra_metadata=o.get("extra_metadata", {}),
         chunk_bytes="4MiB",
     )
-    ckpts = _open_all(target, sft, grpo)
     outs: dict[int, Checkpoint] = {}
+    if spec is not None:
+        from .api import _spec_plan
+        from .spec import load_spec
+
+        plan, ckpts = _spec_plan(load_spec(spec), opts)
+    else:
+        ckpts = _open_all(target, sft, grpo)
     try:
-        plan = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts, sources=manifest.get("sources"))
+        if spec is None:
+            plan = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts, sources=manifest.get("sources"))
         for i, f in enumerate(plan.files):
             path = out_dir / f.name
             if not path.is_file():

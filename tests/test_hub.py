@@ -183,3 +183,22 @@ def test_invalid_repo_id_or_mistyped_path_is_one_clear_line(hub_cache, tmp_path)
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr and "internal error" not in r.stderr
     assert "org/a--b" in r.stderr
+
+
+def test_combine_spec_with_hub_ids_offline(hub_cache, tmp_path):
+    dirs, commits = hub_cache
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'target = "org/target"\n[[vectors]]\nsft = "org/sft"\ngrpo = "org/grpo@v2"\nalpha = 0.5\n'
+        f'[[vectors]]\nsft = "{dirs[2]}"\ngrpo = "{dirs[1]}"\nalpha = 0.5\n'
+    )
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "streammerge", "combine", str(spec), "-o", str(out), "--device", "cpu", "--json"]
+    r = subprocess.run(argv, capture_output=True, text=True, env=_fresh_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    # 0.5 * (g - s), then 0.5 * (s - g): with bf16 targets and small float32 vectors, (t + m) - m rounds back to t
+    target = load_all(dirs[0])
+    for k, v in load_all(out).items():
+        assert v.equal(target[k]), k
+    card = (out / "README.md").read_text()
+    assert f"org/target@{commits['org/target']}" in card and "org/grpo@" + "d" * 40 in card

@@ -414,3 +414,22 @@ def test_combine_resume_refuses_another_spec(five, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     fresh = streammerge.combine(spec, tmp_path / "fresh", **KW)
     assert _files(out) == _files(Path(fresh.out_dir))
+
+
+def test_verify_recomputes_a_combine_output_from_its_spec(five, tmp_path) -> None:
+    spec = _spec(five)
+    streammerge.combine(spec, tmp_path / "c", **KW)
+    rep = streammerge.verify(tmp_path / "c", spec=spec, full=True)
+    assert rep.ok and rep.chunks_checked == rep.chunks_total > 0, rep.problems
+    other = _spec(five, a2=-0.25)
+    rep = streammerge.verify(tmp_path / "c", spec=other, full=True)
+    assert not rep.ok and "header" in rep.problems[0]
+    with pytest.raises(streammerge.StreamMergeError, match="give its spec with --spec"):
+        streammerge.verify(tmp_path / "c", five["t"], five["s1"], five["g1"])
+    # flip one element of the output: found and named
+    f = sorted((tmp_path / "c").glob("model-*.safetensors"))[-1]
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x40
+    f.write_bytes(bytes(data))
+    rep = streammerge.verify(tmp_path / "c", spec=spec, full=True)
+    assert not rep.ok
