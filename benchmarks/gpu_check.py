@@ -86,6 +86,7 @@ STEP_TIMEOUTS = {
     "generate": 150,
     "pipeline": 150,
     "e2e": 150,
+    "sweep": 90,
     "kernel": 120,
     "sparse70b": 120,
     "mergekit": 150,
@@ -222,7 +223,7 @@ def _with_engine(engine):
     from streammerge import api
 
     original = api.select_engine
-    api.select_engine = lambda device, threads=None: (engine, f"{engine.name} (gpu_check)")
+    api.select_engine = lambda device, threads=None, opts=None: (engine, f"{engine.name} (gpu_check)")
     return original
 
 
@@ -309,6 +310,53 @@ def step_e2e(state: dict) -> dict:
         res["bytes_equal"] = cpu["files_sha256"] == gpu["files_sha256"] == gpu["shard_sha256"]
     for name in ("cpu", "cuda"):
         shutil.rmtree(work / f"out-{name}", ignore_errors=True)
+    return res
+
+
+def step_sweep(state: dict) -> dict:
+    """An alpha sweep (3 outputs, one pass) against 3 single-alpha runs on the CUDA engine, to the null sink with
+    SHA-256s; and a two-vector combine on CUDA against the CPU engine's bytes (issue 6.6 / 6.8 on the GPU)."""
+    import streammerge
+
+    cfg = SIZES[state["size"]]
+    trio = _trio(state)
+    cuda = _cuda()
+    if not cuda and state["size"] != "tiny":
+        return {"cuda": False, "note": "no CUDA GPU: skipped (the simulated device is for tiny sizes)"}
+    alphas = [0.5, 1.0, 1.5]
+    null = str(Path(state["workdir"]) / "null-sweep")
+    res: dict = {"cuda": cuda, "alphas": alphas, "single": {}}
+    spec = {
+        "target": trio[0],
+        "vectors": [{"sft": trio[1], "grpo": trio[2], "alpha": 0.75}, {"sft": trio[2], "grpo": trio[1], "alpha": 0.5}],
+    }
+    t0 = time.perf_counter()
+    cpu_combine = streammerge.combine(spec, null, device="cpu", sink="null-sha256")
+    res["combine_cpu_s"] = time.perf_counter() - t0
+    original = _with_engine(_cuda_engine(chunk_bytes=cfg["chunks"][-1], window_bytes=cfg["window"]))
+    try:
+        t0 = time.perf_counter()
+        reports = streammerge.sweep(*trio, null, alphas, sink="null-sha256")
+        res["sweep"] = {
+            "wall_s": time.perf_counter() - t0,
+            "bytes_read": reports[0].bytes_read,
+            "peak_gpu_memory": reports[0].peak_gpu_memory,
+            "shard_sha256": [r.shard_sha256 for r in reports],
+        }
+        for a in alphas:
+            res["single"][repr(a)] = _run_merge(trio, null, alpha=a, sink="null-sha256")
+        res["bytes_equal"] = res["sweep"]["shard_sha256"] == [res["single"][repr(a)]["shard_sha256"] for a in alphas]
+        single_s = sum(r["wall_s"] for r in res["single"].values())
+        res["speedup"] = single_s / res["sweep"]["wall_s"] if res["sweep"]["wall_s"] > 0 else None
+        t0 = time.perf_counter()
+        gpu_combine = streammerge.combine(spec, null, sink="null-sha256")
+        res["combine_gpu_s"] = time.perf_counter() - t0
+        res["combine_bytes_equal"] = gpu_combine.shard_sha256 == cpu_combine.shard_sha256
+        res["combine_peak_gpu_memory"] = gpu_combine.peak_gpu_memory
+    finally:
+        from streammerge import api
+
+        api.select_engine = original
     return res
 
 
@@ -506,6 +554,7 @@ STEPS = {
     "generate": step_generate,
     "pipeline": step_pipeline,
     "e2e": step_e2e,
+    "sweep": step_sweep,
     "kernel": step_kernel,
     "sparse70b": step_sparse70b,
     "mergekit": step_mergekit,
@@ -604,6 +653,20 @@ def summarize(results: dict) -> tuple[dict, list[str]]:
             s["e2e_bytes_equal"] = e2e["bytes_equal"]
             line += f"; files equal: {e2e['bytes_equal']}"
         rows.append(line)
+    sw = st.get("sweep", {})
+    if "sweep" in sw:
+        single_s = sum(r.get("wall_s", 0) for r in sw["single"].values())
+        s["sweep_speedup"] = sw.get("speedup")
+        s["sweep_bytes_equal"] = sw.get("bytes_equal")
+        s["combine_bytes_equal"] = sw.get("combine_bytes_equal")
+        rows.append(
+            f"sweep {sw['alphas']} -> null: {sw['sweep']['wall_s']:.2f} s vs {single_s:.2f} s single "
+            f"({sw.get('speedup') or 0:.2f}x), equal: {sw.get('bytes_equal')}; combine 2 vectors cuda "
+            f"{sw.get('combine_gpu_s', 0):.2f} s / cpu {sw.get('combine_cpu_s', 0):.2f} s, equal: "
+            f"{sw.get('combine_bytes_equal')}"
+        )
+    elif sw:
+        rows.append(f"sweep: {sw.get('error') or sw.get('note')}")
     ker = st.get("kernel", {})
     if "skipped" in ker or "error" in ker:
         rows.append(f"kernel: {ker.get('skipped') or ker.get('error')}")

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--name", help="results file stem (default 'sweep'; smoke 'sweep-smoke')")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
     p.add_argument("--smoke", action="store_true", help="a 4MB trio, one round")
     args = p.parse_args(argv)
     if args.smoke:
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "rounds": rounds,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         f"# Alpha sweep vs separate merges ({info.label} per checkpoint, {len(alphas)} alphas)",
         "",
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             f" separate {m['separate_peak_rss_anon_max'] / 1e6:.0f} MB."
         )
     md += ["", "Every sweep output's SHA-256 equals its separate merge's (checked in every round).", ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(md))
+    (args.out / f"{name}.md").write_text("\n".join(md))
     _log("\n".join(md))
     return 0
 

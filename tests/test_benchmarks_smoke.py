@@ -106,3 +106,36 @@ def test_csv_has_summary_fields(smoke):
     assert {"floor", "streammerge-cpu", "streammerge-cpu-null", "naive"} <= {r["tool"] for r in rows}
     for field in ("wall_median_s", "gbps_median", "ratio_to_floor_median", "peak_rss_anon", "peak_rss", "correct"):
         assert field in rows[0], field
+
+
+def test_sweep_benchmark_smoke(tmp_path):
+    """benchmarks.sweep on a 4 MB trio: one sweep and three single runs, outputs compared by SHA-256."""
+    cmd = [sys.executable, "-m", "benchmarks.sweep", "--smoke", "--modes", "warm-disk,warm-null"]
+    cmd += ["--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "res")]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "res" / "sweep-smoke.json").read_text())
+    for mode in ("warm-disk", "warm-null"):
+        m = result["summary"]["modes"][mode]
+        assert m["outputs_identical"] is True
+        assert m["separate_bytes_read"] == 3 * m["sweep_bytes_read"] > 0
+    assert result["machine"]["cores"] and result["page_cache"]
+
+
+def test_gpu_check_plumbing_on_the_simulated_device(tmp_path):
+    """benchmarks.gpu_check --size tiny without a GPU: the CUDA engine on the simulated device through every step
+    that does not need a real GPU, so the one-shot script cannot rot between GPU sessions."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, benchmarks.gpu_check runs for real")
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--size", "tiny", "--workdir", str(tmp_path / "w")]
+    cmd += ["--out", str(tmp_path / "res"), "--steps", "env,generate,pipeline,e2e,sweep"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "failed steps: none" in done.stdout, done.stdout[-3000:]
+    result = json.loads(next((tmp_path / "res").glob("gpu_check-*.json")).read_text())
+    steps = result["steps"]
+    assert all(r.get("bytes_equal_cpu") for k, r in steps["pipeline"]["runs"].items() if k.startswith("cuda"))
+    assert steps["e2e"]["bytes_equal"] is True
+    assert steps["sweep"]["bytes_equal"] is True and steps["sweep"]["combine_bytes_equal"] is True
