@@ -15,7 +15,7 @@ from . import __version__
 from ._faults import crash_point
 from .checkpoint import Checkpoint, open_checkpoint
 from .engines import EngineStats, Progress
-from .errors import EngineError, OptionsError, OutputError
+from .errors import EngineError, OptionsError, OutputError, StreamMergeError
 from .memory import available_memory
 from .options import MergeOptions
 from .plan import (
@@ -95,35 +95,47 @@ def _open_all(target, sft, grpo, headers_only: bool = False) -> dict[str, Checkp
     return _open_sources({"target": target, "sft": sft, "grpo": grpo}, headers_only, share=False)
 
 
-def _open_sources(sources: dict, headers_only: bool = False, share: bool = True) -> dict[str, Checkpoint]:
+def _open_sources(
+    sources: dict, headers_only: bool = False, share: bool = True, where: dict[str, str] | None = None
+) -> dict[str, Checkpoint]:
     """Open a checkpoint per role (see `_open_all`). With ``share``, roles naming the same source share one opened
-    checkpoint (one mapping: the CUDA engine registers its pages once)."""
-    from . import hub
-
+    checkpoint (one mapping: the CUDA engine registers its pages once). ``where`` prefixes a role's errors (a spec's
+    file and key)."""
     ckpts: dict[str, Checkpoint] = {}
     by_src: dict[str, Checkpoint] = {}
     try:
         for label, src in sources.items():
-            key = os.fspath(src)
-            if share and key in by_src:
-                ckpts[label] = by_src[key]
-                continue
-            if hub.parse_repo_spec(src) is not None:
-                hs = hub.resolve_cached(str(src), label) if headers_only else None
-                if headers_only and hs is None:
-                    ckpts[label] = hub.RemoteHeaders(str(src), label)  # type: ignore[assignment]
-                    continue
-                hs = hs or hub.resolve(str(src), label)
-                ck = open_checkpoint(hs.path, label, allowed_roots=[hs.blobs])
-                ck.source = hs.label
-                ckpts[label] = ck
-            else:
-                ckpts[label] = open_checkpoint(src, label)
-            by_src[key] = ckpts[label]
+            try:
+                _open_one(ckpts, by_src, label, src, headers_only, share)
+            except StreamMergeError as e:
+                if where is None or label not in where:
+                    raise
+                raise type(e)(f"{where[label]}: {e}") from None
     except BaseException:
         _close(ckpts)
         raise
     return ckpts
+
+
+def _open_one(ckpts: dict, by_src: dict, label: str, src, headers_only: bool, share: bool) -> None:
+    from . import hub
+
+    key = os.fspath(src)
+    if share and key in by_src:
+        ckpts[label] = by_src[key]
+        return
+    if hub.parse_repo_spec(src) is not None:
+        hs = hub.resolve_cached(str(src), label) if headers_only else None
+        if headers_only and hs is None:
+            ckpts[label] = hub.RemoteHeaders(str(src), label)
+        else:
+            hs = hs or hub.resolve(str(src), label)
+            ck = open_checkpoint(hs.path, label, allowed_roots=[hs.blobs])
+            ck.source = hs.label
+            ckpts[label] = ck
+    else:
+        ckpts[label] = open_checkpoint(src, label)
+    by_src[key] = ckpts[label]
 
 
 def _close(ckpts: dict) -> None:
@@ -180,6 +192,11 @@ def plan(
     try:
         if alphas is None:
             p = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts)
+        elif out is not None and (Path(out) / MANIFEST).exists():
+            raise OutputError(
+                f"{out}: holds a single merge's output; a sweep writes {out}/alpha-A/ directories: "
+                "choose another output directory"
+            )
         if out is not None:
             _check_paths(Path(out), ckpts)
             check_disk_space(p, Path(out))
@@ -301,6 +318,10 @@ def merge(
             c.close()
 
 
+def _out_path(out) -> Path | None:
+    return Path(out) if out is not None else None
+
+
 def sweep_dirname(alpha: float) -> str:
     """The directory of one alpha's output in a sweep: ``alpha-0.5``, ``alpha-1``, ``alpha--1``, ``alpha-1e-05``."""
     text = repr(float(alpha))
@@ -319,15 +340,17 @@ def parse_alphas(value) -> list[float]:
             raise OptionsError(
                 f"alpha: {value!r}: expected a number or a comma-separated list like 0.5,1,1.5"
             ) from None
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
-    return [float(value)]
+    items = list(value) if hasattr(value, "__iter__") else [value]
+    try:
+        return [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise OptionsError(f"alpha: {value!r}: expected numbers") from None
 
 
 def _execute(
     p: MergePlan,
     ckpts,
-    out_dir: Path,
+    out_dir: Path | None,
     opts: MergeOptions,
     t_start: float,
     progress,
@@ -340,6 +363,9 @@ def _execute(
     output (one, or one per alpha of a sweep, each in ``out_dir/alpha-A``)."""
     if sink not in ("disk", "null", "null-sha256"):
         raise OptionsError(f"sink: {sink!r} is not disk, null or null-sha256")
+    if sink == "disk" and out_dir is None:
+        raise OptionsError("an output directory is needed (or sink='null')")
+    out_dir = out_dir if out_dir is not None else Path("(null sink)")
     plans = p.variants or [p]
     dirs = [out_dir / sweep_dirname(vp.options.alpha) for vp in p.variants] if p.variants else [out_dir]
     if p.variants and push_to:
@@ -363,10 +389,10 @@ def _execute(
     crash_point("planned")
     with contextlib.ExitStack() as stack:
         if sink == "disk":
-            writers = [
-                stack.enter_context(OutputWriter(d, vp, ident, resume=resume))
-                for d, vp, ident in zip(dirs, plans, identities)
-            ]
+            writers = [OutputWriter(d, vp, ident, resume=resume) for d, vp, ident in zip(dirs, plans, identities)]
+            for w in writers:
+                w.preflight()  # every output is checked before any is touched
+            writers = [stack.enter_context(w) for w in writers]
         else:
             writers = [stack.enter_context(NullWriter(vp, checksums=sink == "null-sha256")) for vp in plans]
         writer = SweepWriter(p, writers) if p.variants else writers[0]
@@ -452,7 +478,7 @@ def sweep(
     opts = _options(options, {**explicit, **kwargs})
     p, ckpts = _sweep_plan(target, sft, grpo, values, opts)
     try:
-        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, None, False)
+        return _execute(p, ckpts, _out_path(out), opts, t_start, progress, resume, sink, None, False)
     finally:
         _close(ckpts)
 
@@ -486,7 +512,10 @@ def _spec_sources(spec: Spec) -> dict[str, str]:
 def _spec_plan(spec: Spec, opts: MergeOptions, headers_only: bool = False):
     """Open every checkpoint of a spec and build its plan; stored vectors must come from ``streammerge extract``."""
     sources = _spec_sources(spec)
-    ckpts = _open_sources(sources, headers_only=headers_only)
+    where = {"target": f"{spec.source}: target"}
+    for i, v in enumerate(spec.vectors, 1):
+        where.update({role: f"{spec.source}: vectors[{i}].{role.rstrip('0123456789')}" for role in v.roles(i)})
+    ckpts = _open_sources(sources, headers_only=headers_only, where=where)
     try:
         vectors = []
         for i, v in enumerate(spec.vectors, 1):
@@ -572,7 +601,7 @@ def combine(
     opts = _spec_options(sp, options, {**explicit, **kwargs})
     p, ckpts = _spec_plan(sp, opts)
     try:
-        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, push_to, private)[0]
+        return _execute(p, ckpts, _out_path(out), opts, t_start, progress, resume, sink, push_to, private)[0]
     finally:
         _close(ckpts)
 

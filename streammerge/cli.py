@@ -314,7 +314,9 @@ def merge(
             from .api import sweep as sweep_fn
 
             if push_to:
-                raise typer.BadParameter("a sweep writes one output per alpha; push the one you keep later")
+                from .errors import OptionsError
+
+                raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep")
 
             def run(progress=None):
                 return sweep_fn(
@@ -585,7 +587,9 @@ def combine(
     out: Annotated[
         str | None, typer.Option("--out", "-o", help="Output directory (new or empty); required unless --sink null.")
     ] = None,
-    device: DeviceOpt = "auto",
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto (CUDA when a GPU and triton are present, else CPU), cpu, cuda.")
+    ] = None,
     chunk_size: Annotated[str | None, typer.Option("--chunk-size", help="Largest buffer per chunk (16MiB).")] = None,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Output shard limit (5GB).")] = None,
     out_dtype: OutDtypeOpt = None,
@@ -656,13 +660,22 @@ def combine(
             "threads": threads,
         }
         kw = {k: v for k, v in given.items() if v is not None}
-        kw.update(device=device, overwrite=overwrite, check_finite=check_finite or strict, strict=strict)
+        # Only what was given on the command line overrides the spec's [options]: a flag can only switch on.
+        if device is not None:
+            kw["device"] = device
+        kw.update(
+            {
+                k: True
+                for k, v in (("overwrite", overwrite), ("check_finite", check_finite or strict), ("strict", strict))
+                if v
+            }
+        )
         if dry_run:
             _show_plan(plan_combine(spec, out, **kw), out, as_json)
             return
         from .options import MergeOptions
 
-        report_opts = MergeOptions.create(check_finite=check_finite or strict)
+        report_opts = MergeOptions.create(check_finite=check_finite or strict)  # the summary's check-finite line
 
         def run(progress=None):
             return combine_fn(

@@ -227,7 +227,11 @@ class MergePlan:
         return {
             "sources": self.sources,
             "formula": self.formula,
-            "alpha": [v.options.alpha for v in self.variants] if self.variants else self.options.alpha,
+            "alpha": [v.options.alpha for v in self.variants]
+            if self.variants
+            else None
+            if self.kind == "combine"
+            else self.options.alpha,
             "outputs": self.outputs,
             **({"vectors": list(self.vectors)} if self.kind == "combine" else {}),
             "tensors": len(self.tensors),

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +41,13 @@ from .errors import OptionsError
 from .options import Rule
 
 SPEC_KEYS = ("target", "vectors", "rules", "options")
-VECTOR_KEYS = ("sft", "grpo", "vector", "alpha", "rules", "name")
+VECTOR_KEYS = ("sft", "grpo", "vector", "alpha", "rules")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+# [options] keys by the type a spec must give them in (sizes: "64MiB" or a byte count)
+_BOOL_OPTIONS = ("overwrite", "copy_aux_files", "check_finite", "strict", "gpu_register")
+_INT_OPTIONS = ("threads", "gpu_slots")
+_SIZE_OPTIONS = ("chunk_bytes", "max_shard_size", "gpu_window_bytes")
+_STR_OPTIONS = ("device", "out_dtype", "missing", "extra", "shape_mismatch", "unsupported_dtype", "vocab_mismatch")
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ def _rules(where: str, value, alpha_only: bool) -> tuple[Rule, ...]:
                 rule = Rule.parse(r)
             elif isinstance(r, dict) and isinstance(r.get("pattern"), str):
                 if "alpha" in r:
-                    rule = Rule(r["pattern"], "alpha", _alpha(f"{where}: rule {j + 1}", r["alpha"])).checked()
+                    rule = Rule(r["pattern"], "alpha", _alpha("", r["alpha"])).checked()
                 else:
                     rule = Rule(r["pattern"], str(r.get("action", ""))).checked()
             else:
@@ -99,22 +107,71 @@ def _rules(where: str, value, alpha_only: bool) -> tuple[Rule, ...]:
 
 
 def _alpha(where: str, value) -> float:
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise OptionsError(f"{prefix}alpha must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise OptionsError(f"{where}: alpha must be a number, got {value!r}")
+        raise OptionsError(f"{prefix}alpha must be a number, got {value!r}")
     a = float(value)
     if not math.isfinite(a) or abs(a) > 3.4028234663852886e38:
-        raise OptionsError(f"{where}: alpha must be a finite float32, got {value!r}")
+        raise OptionsError(f"{prefix}alpha must be a finite float32, got {value!r}")
     return a
 
 
+def _option_kind(key: str) -> tuple[Callable[[object], bool], str]:
+    if key in _BOOL_OPTIONS:
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if key in _INT_OPTIONS:
+        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
+    if key in _SIZE_OPTIONS:
+        return (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool)), 'a size like "64MiB" or a byte count'
+    if key in _STR_OPTIONS:
+        return (lambda v: isinstance(v, str)), "a string"
+    return (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+    ), "a table of strings"
+
+
+def _options(source: str, options) -> dict:
+    """Check an ``[options]`` table key by key, so an error names the spec and the key."""
+    from dataclasses import fields
+
+    from .options import MergeOptions
+
+    if not isinstance(options, dict):
+        raise OptionsError(f"{source}: 'options' must be a table of merge options")
+    known = [f.name for f in fields(MergeOptions) if f.name not in ("alpha", "rules")]
+    for key, value in options.items():
+        where = f"{source}: [options] {key}"
+        if key in ("alpha", "rules"):
+            raise OptionsError(f"{where}: not allowed here: alphas go in each vector, rules at the top level")
+        if key not in known:
+            raise OptionsError(f"{where}: unknown option; known: {', '.join(known)}")
+        ok, kind = _option_kind(key)
+        if not ok(value):
+            raise OptionsError(f"{where}: must be {kind}, got {value!r}")
+        try:
+            MergeOptions.create(**{key: value})
+        except (OptionsError, TypeError, ValueError) as e:
+            raise OptionsError(f"{where}: {e}") from None
+    return dict(options)
+
+
 def _resolve(base: Path | None, value, where: str) -> str:
+    """A path relative to the spec's directory (never to the working directory), or a Hub repository id: a value
+    of the form ``org/name[@rev]`` with nothing of that name beside the spec."""
     if not isinstance(value, str) or not value:
         raise OptionsError(f"{where}: expected a checkpoint path or Hub repository id, got {value!r}")
-    if base is not None and not os.path.isabs(os.path.expanduser(value)):
-        candidate = base / value
-        if candidate.exists():
-            return str(candidate)
-    return os.path.expanduser(value)
+    value = os.path.expanduser(value)
+    if base is None or os.path.isabs(value):
+        return value
+    candidate = base / value
+    if candidate.exists() or not _REPO_ID.match(value):
+        return str(candidate)
+    return value
 
 
 def parse_spec(data: dict, source: str = "<spec>", base_dir: str | os.PathLike | None = None) -> Spec:
@@ -157,14 +214,7 @@ def parse_spec(data: dict, source: str = "<spec>", base_dir: str | os.PathLike |
         else:
             vs = VectorSpec(alpha, vector=_resolve(base, v["vector"], f"{where}.vector"), rules=rules)
         vectors.append(vs)
-    options = data.get("options", {})
-    if not isinstance(options, dict):
-        raise OptionsError(f"{source}: 'options' must be a table of merge options")
-    bad = sorted(set(options) & {"alpha", "rules"})
-    if bad:
-        raise OptionsError(
-            f"{source}: options.{bad[0]} is not allowed: alphas go in each vector, rules at the top level"
-        )
+    options = _options(source, data.get("options", {}))
     return Spec(
         target, tuple(vectors), _rules(f"{source}: rules", data.get("rules"), alpha_only=False), dict(options), source
     )
@@ -187,7 +237,10 @@ def load_spec(spec: str | os.PathLike | dict | Spec) -> Spec:
         try:
             data = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise OptionsError(f"{path}: invalid YAML ({e})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise OptionsError(f"{path}: invalid YAML{where}: {problem}") from None
     else:
         try:
             import tomllib

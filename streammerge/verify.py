@@ -77,6 +77,12 @@ def verify(
         raise StreamMergeError(f"{out_dir}: not a directory")
     manifest = read_manifest(out_dir)
     if manifest is None:
+        swept = sorted(p.name for p in out_dir.glob("alpha-*") if (p / ".streammerge.json").exists())
+        if swept:
+            raise StreamMergeError(
+                f"{out_dir}: the root of an alpha sweep; verify each output: {', '.join(swept[:6])}"
+                + (" ..." if len(swept) > 6 else "")
+            )
         raise StreamMergeError(f"{out_dir}: no streammerge manifest (.streammerge.json); not a streammerge output")
     if manifest.get("state") != STATE_COMPLETE:
         report.fail(

@@ -130,9 +130,23 @@ class OutputWriter:
     def _stale_partials(self) -> list[Path]:
         return [p for p in self.out_dir.iterdir() if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX)]
 
-    def _clear_previous(self, previous: dict | None) -> None:
+    def preflight(self) -> None:
+        """Raise what :meth:`open` would refuse, touching nothing: a sweep checks every output before it opens any."""
+        out = self.out_dir
+        if out.is_symlink():
+            raise OutputError(f"{out}: output path is a symlink; give a real directory path")
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a directory")
+        if not out.is_dir():
+            return
+        previous = read_manifest(out)
+        if self.resume and previous is not None:
+            self._check_same_merge(previous)
+            return
         partials = self._stale_partials()
-        rest = [p for p in self.out_dir.iterdir() if p not in partials]
+        self._check_may_clear(previous, [p for p in out.iterdir() if p not in partials])
+
+    def _check_may_clear(self, previous: dict | None, rest: list[Path]) -> None:
         if rest:
             interrupted = previous is not None and previous.get("state") != STATE_COMPLETE
             if not self.plan.options.overwrite:
@@ -150,6 +164,12 @@ class OutputWriter:
                     f"{self.out_dir}: not a streammerge output (no {MANIFEST}); refusing to overwrite it. "
                     "Choose a new or empty directory"
                 )
+
+    def _clear_previous(self, previous: dict | None) -> None:
+        partials = self._stale_partials()
+        rest = [p for p in self.out_dir.iterdir() if p not in partials]
+        self._check_may_clear(previous, rest)
+        if rest and previous is not None:
             # Remove only what the previous streammerge run wrote, index first so nothing looks complete.
             names = [INDEX_FILE, *previous.get("files", []), *previous.get("shards", {}), MANIFEST]
             for name in names:
@@ -161,8 +181,7 @@ class OutputWriter:
         for p in partials:
             p.unlink(missing_ok=True)
 
-    def _adopt(self, previous: dict) -> None:
-        """Resume: refuse a different merge; keep finished shards whose size and SHA-256 still match."""
+    def _check_same_merge(self, previous: dict) -> None:
         if previous.get("fingerprint") != self.manifest["fingerprint"]:
             diffs = [
                 k
@@ -174,6 +193,10 @@ class OutputWriter:
                 f"{', '.join(diffs) or 'settings'}. Resume with exactly the same inputs and options, or run without "
                 "--resume and with --overwrite to start over"
             )
+
+    def _adopt(self, previous: dict) -> None:
+        """Resume: refuse a different merge; keep finished shards whose size and SHA-256 still match."""
+        self._check_same_merge(previous)
         for p in self._stale_partials():
             p.unlink(missing_ok=True)
         (self.out_dir / INDEX_FILE).unlink(missing_ok=True)  # rewritten last

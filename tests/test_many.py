@@ -355,6 +355,22 @@ BAD_SPECS = [
     ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"alpha": 2}}, "alphas go in each vector"),
     ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"chunk": 2}}, "chunk"),
     ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "rules": ["(=1"]}, "invalid regular expression"),
+    ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"out_dtype": 5}}, r"\[options\] out_dtype"),
+    ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"out_dtype": "int8"}}, r"out_dtype: .*int8"),
+    (
+        {"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"threads": "x"}},
+        r"threads: must be an int",
+    ),
+    ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"overwrite": "yes"}}, "true or false"),
+    ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"missing": "bogus"}}, r"missing: .*bogus"),
+    ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"extra_metadata": 3}}, "table of strings"),
+    ({"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "options": {"chunk_bytes": [1]}}, "a size like"),
+    (
+        {"target": "t", "vectors": [{"sft": "s1", "grpo": "g1"}], "rules": [{"pattern": "a", "alpha": "x"}]},
+        r"^\S+: rules: rule 1: alpha must be a number, got 'x'$",
+    ),
+    ({"target": "nope", "vectors": [{"sft": "s1", "grpo": "g1"}]}, r"bad.yaml: target: target checkpoint: .*nope"),
+    ({"target": "t", "vectors": [{"sft": "s1", "grpo": "missing-g"}]}, r"vectors\[1\].grpo: .*missing-g"),
 ]
 
 
@@ -364,7 +380,7 @@ def test_bad_specs_are_refused_with_the_key_named(five, tmp_path, spec, match) -
 
     path = five["t"].parent / "bad.yaml"
     path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(OptionsError, match=match):
+    with pytest.raises(streammerge.StreamMergeError, match=match):
         streammerge.plan_combine(path)
     r = runner.invoke(app, ["combine", str(path), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "Traceback" not in r.output and "bad.yaml" in r.output, r.output
@@ -375,6 +391,10 @@ def test_spec_file_errors(tmp_path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("target = [\n")
     with pytest.raises(OptionsError, match="invalid TOML"):
+        streammerge.plan_combine(bad)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target: [1, 2\nvectors: []\n")
+    with pytest.raises(OptionsError, match=r"bad.yaml: invalid YAML at line \d+, column \d+: [^\n]+$"):
         streammerge.plan_combine(bad)
     with pytest.raises(OptionsError, match="cannot read the spec"):
         streammerge.plan_combine(tmp_path / "nope.toml")
@@ -433,3 +453,56 @@ def test_verify_recomputes_a_combine_output_from_its_spec(five, tmp_path) -> Non
     f.write_bytes(bytes(data))
     rep = streammerge.verify(tmp_path / "c", spec=spec, full=True)
     assert not rep.ok
+
+
+def test_relative_spec_paths_never_fall_back_to_the_working_directory(five, tmp_path, monkeypatch) -> None:
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    (spec_dir / "s.toml").write_text('target = "t"\n[[vectors]]\nsft = "s1"\ngrpo = "g1"\n')
+    monkeypatch.chdir(five["t"].parent)  # t, s1, g1 exist here, not beside the spec
+    with pytest.raises(streammerge.StreamMergeError, match=r"s.toml: target: .*specs/t"):
+        streammerge.plan_combine(spec_dir / "s.toml")
+
+
+def test_combine_cli_honours_the_spec_options(tmp_path) -> None:
+    big = torch.full((600,), 3.0e38).to(torch.bfloat16)
+    for n, v in (("t", big), ("s", torch.zeros(600, dtype=torch.bfloat16)), ("g", big.clone())):
+        write_checkpoint(tmp_path / n, {"w": v})
+    spec = tmp_path / "strict.toml"
+    spec.write_text(
+        'target = "t"\n[[vectors]]\nsft = "s"\ngrpo = "g"\nalpha = 5\n'
+        '[options]\ncheck_finite = true\nstrict = true\ndevice = "cpu"\n'
+    )
+    r = runner.invoke(app, ["combine", str(spec), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "strict" in r.output and "Traceback" not in r.output, r.output
+    spec.write_text('target = "t"\n[[vectors]]\nsft = "s"\ngrpo = "g"\n[options]\noverwrite = true\n')
+    for _ in range(2):  # the second run replaces the first: overwrite came from the spec
+        r = runner.invoke(app, ["combine", str(spec), "-o", str(tmp_path / "o2"), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+
+
+def test_null_sink_needs_no_output_dir_and_push_is_refused_for_sweeps(five, tmp_path) -> None:
+    args = [str(five["t"]), str(five["s1"]), str(five["g1"])]
+    r = runner.invoke(app, ["merge", *args, "--sink", "null", "--alpha", "1,2", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)) == 2
+    spec = five["t"].parent / "null.toml"
+    spec.write_text('target = "t"\n[[vectors]]\nsft = "s1"\ngrpo = "g1"\n')
+    r = runner.invoke(app, ["combine", str(spec), "--sink", "null", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["merge", *args, "-o", str(tmp_path / "p"), "--alpha", "1,2", "--push-to", "me/x"])
+    assert r.exit_code == 1 and "internal error" not in r.output and "push the one you keep" in r.output
+
+
+def test_sweep_checks_every_output_before_touching_any(five, tmp_path) -> None:
+    out = tmp_path / "fo"
+    out.mkdir()
+    (out / "alpha-2").write_text("in the way")
+    with pytest.raises(OutputError, match="alpha-2: exists and is not a directory"):
+        streammerge.sweep(five["t"], five["s1"], five["g1"], out, [0.5, 2], **KW)
+    assert not (out / "alpha-0.5").exists()
+    (out / "alpha-2").unlink()
+    reports = streammerge.sweep(five["t"], five["s1"], five["g1"], out, [0.5, 2], **KW)
+    assert len(reports) == 2
+    with pytest.raises(streammerge.StreamMergeError, match="root of an alpha sweep; verify each output: alpha-0.5"):
+        streammerge.verify(out)
