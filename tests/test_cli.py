@@ -145,6 +145,9 @@ def test_sigint_exits_130_and_leaves_nothing_complete(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # A shell's background job (nohup ... &, some CI runners) starts with SIGINT ignored, and Python then keeps
+        # ignoring it, as it should: give the child the default disposition, as a terminal's Ctrl-C would find it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob(".*.partial")):
