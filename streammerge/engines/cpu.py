@@ -461,16 +461,22 @@ def _count_nonfinite(
         return
     for x in inputs:
         bad &= torch.isfinite(x)
-    n = int(bad.sum())
-    if n:
-        if strict:
-            raise NonFiniteError(
-                f"tensor {t.name!r}: {n} element(s) became NaN/inf although every input was finite "
-                "(overflow in the output dtype?); --strict refuses this output. Lower |alpha|, use --out-dtype fp32, "
-                "or drop --strict to write it anyway"
-            )
-        with _NONFINITE_LOCK:  # several workers may count sub-blocks of one tensor
-            stats.add_nonfinite(t.name, n, output)
+    record_nonfinite(t, int(bad.sum()), strict, stats, output)
+
+
+def record_nonfinite(t: OutTensor, n: int, strict: bool, stats: EngineStats, output: int | None = None) -> None:
+    """``n`` elements of ``t`` became NaN/inf although every input was finite: refuse (``strict``) or count them (in
+    output ``output`` of a sweep, None: every output). Both engines report through here."""
+    if not n:
+        return
+    if strict:
+        raise NonFiniteError(
+            f"tensor {t.name!r}: {n} element(s) became NaN/inf although every input was finite "
+            "(overflow in the output dtype?); --strict refuses this output. Lower |alpha|, use --out-dtype fp32, "
+            "or drop --strict to write it anyway"
+        )
+    with _NONFINITE_LOCK:  # several workers may count sub-blocks of one tensor
+        stats.add_nonfinite(t.name, n, output)
 
 
 def _elem_size(dtype: str) -> int:

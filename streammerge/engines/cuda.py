@@ -58,12 +58,22 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checkpoint import Checkpoint, TensorRef
-from ..errors import EngineError, NonFiniteError, OptionsError, StreamMergeError
+from ..errors import EngineError, OptionsError, StreamMergeError
 from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
-from ..plan import MergePlan, Op, OutTensor
+from ..plan import MergePlan, Op
 from . import EngineStats, Progress, ProgressCounter
-from .cpu import WorkItem, _elem_size, _Failure, _out_bytes, _out_offset, finish_chunk, iter_work, work_bytes
+from .cpu import (
+    WorkItem,
+    _elem_size,
+    _Failure,
+    _out_bytes,
+    _out_offset,
+    finish_chunk,
+    iter_work,
+    record_nonfinite,
+    work_bytes,
+)
 
 # Device slots: 2 give the full three-stage overlap (H2D of chunk g+1, kernel of g and D2H of g-1 touch different
 # slots), and bound GPU memory to 2 x 4 x chunk_bytes (512 MiB at a 64 MiB chunk) whatever the model.
@@ -1313,7 +1323,7 @@ class CudaEngine:
                             be.sync_event(out_ready[p])
                             if job.count_nonfinite:
                                 n_bad = int(buf.nf_host[p][0])
-                                self._nonfinite(t, n_bad, opts.strict, stats, j if many else None)
+                                record_nonfinite(t, n_bad, opts.strict, stats, j if many else None)
                         timers["wait_gpu"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     if t is not None and item.stop > item.start:
@@ -1541,16 +1551,3 @@ class CudaEngine:
         if runner.refusal:
             stats.notes.append(f"cuda engine: {runner.refusal}; error cleared, fell back to pinned staging")
         stats.notes += [f"cuda engine: {e}" for e in runner.unregister_errors[:5]]
-
-    @staticmethod
-    def _nonfinite(t: OutTensor, n: int, strict: bool, stats: EngineStats, output: int | None = None) -> None:
-        """As the CPU engine's check: elements that became NaN/inf although every input was finite."""
-        if not n:
-            return
-        if strict:
-            raise NonFiniteError(
-                f"tensor {t.name!r}: {n} element(s) became NaN/inf although every input was finite "
-                "(overflow in the output dtype?); --strict refuses this output. Lower |alpha|, use --out-dtype fp32, "
-                "or drop --strict to write it anyway"
-            )
-        stats.add_nonfinite(t.name, n, output)
