@@ -95,12 +95,16 @@ class OutputWriter:
         self._created: set[int] = set()  # temporaries this run created (the only ones abort removes)
 
     # ------------------------------------------------------------------ setup
-    def open(self) -> None:
+    def _check_path(self) -> None:
         out = self.out_dir
         if out.is_symlink():
             raise OutputError(f"{out}: output path is a symlink; give a real directory path")
         if out.exists() and not out.is_dir():
             raise OutputError(f"{out}: exists and is not a directory")
+
+    def open(self) -> None:
+        out = self.out_dir
+        self._check_path()
         try:
             out.mkdir(parents=True, exist_ok=True)
             self._dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
@@ -133,10 +137,7 @@ class OutputWriter:
     def preflight(self) -> None:
         """Raise what :meth:`open` would refuse, touching nothing: a sweep checks every output before it opens any."""
         out = self.out_dir
-        if out.is_symlink():
-            raise OutputError(f"{out}: output path is a symlink; give a real directory path")
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a directory")
+        self._check_path()
         if not out.is_dir():
             return
         previous = read_manifest(out)
