@@ -385,7 +385,8 @@ def _execute(
         for ck in ckpts.values():
             if ck is not None:
                 ck.drop_cache = True
-    identities = [merge_identity(vp, ckpts) for vp in plans]
+    inputs = input_identity(ckpts)  # headers hashed once for every output of a sweep
+    identities = [merge_identity(vp, ckpts, inputs) for vp in plans]
     crash_point("planned")
     with contextlib.ExitStack() as stack:
         if sink == "disk":
@@ -688,22 +689,32 @@ def apply(
             c.close()
 
 
-def merge_identity(p: MergePlan, ckpts: dict[str, Checkpoint]) -> dict:
-    """What makes a merge's output what it is: input files (size, mtime, header hash), byte-relevant options and
-    the output layout, with a fingerprint over all of it. Recorded in the manifest; ``resume`` requires a match."""
-    inputs = {}
+def input_identity(ckpts: dict[str, Checkpoint]) -> dict[str, list[dict]]:
+    """Per role, each input file's name, size, mtime and header SHA-256 (a checkpoint in several roles is read once)."""
+    inputs: dict[str, list[dict]] = {}
+    seen: dict[int, list[dict]] = {}
     for label, ck in ckpts.items():
         if ck is None:
             continue
-        entries = []
-        for f in ck.files:
-            st = f.stat()
-            with open(f, "rb") as fh:
-                head = fh.read(8)
-                n = int.from_bytes(head, "little") if len(head) == 8 else 0
-                hh = hashlib.sha256(head + fh.read(n)).hexdigest()
-            entries.append({"file": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": hh})
-        inputs[label] = entries
+        if id(ck) not in seen:
+            entries = []
+            for f in ck.files:
+                st = f.stat()
+                with open(f, "rb") as fh:
+                    head = fh.read(8)
+                    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                    hh = hashlib.sha256(head + fh.read(n)).hexdigest()
+                entries.append({"file": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": hh})
+            seen[id(ck)] = entries
+        inputs[label] = seen[id(ck)]
+    return inputs
+
+
+def merge_identity(p: MergePlan, ckpts: dict[str, Checkpoint], inputs: dict | None = None) -> dict:
+    """What makes a merge's output what it is: input files (size, mtime, header hash), byte-relevant options and
+    the output layout, with a fingerprint over all of it. Recorded in the manifest; ``resume`` requires a match.
+    ``inputs``: :func:`input_identity` of ``ckpts`` when already computed (a sweep's outputs share it)."""
+    inputs = inputs if inputs is not None else input_identity(ckpts)
     o = p.options
     options = {
         "alpha": repr(float(o.alpha)),
