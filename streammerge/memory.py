@@ -6,16 +6,22 @@ import resource
 import sys
 
 
-def rss_anon() -> int:
-    """Anonymous resident memory of this process in bytes (RssAnon: our own buffers, not mapped file pages)."""
+def _proc_kib(path: str, key: bytes) -> int | None:
+    """The ``key: N kB`` field of a /proc file in bytes (None where absent or unreadable)."""
     try:
-        with open("/proc/self/status", "rb") as f:
+        with open(path, "rb") as f:
             for line in f:
-                if line.startswith(b"RssAnon:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return peak_rss()
+    return None
+
+
+def rss_anon() -> int:
+    """Anonymous resident memory of this process in bytes (RssAnon: our own buffers, not mapped file pages)."""
+    n = _proc_kib("/proc/self/status", b"RssAnon:")
+    return n if n is not None else peak_rss()
 
 
 def peak_rss() -> int:
@@ -26,11 +32,4 @@ def peak_rss() -> int:
 
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", b"MemAvailable:")
