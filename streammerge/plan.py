@@ -66,19 +66,6 @@ class OutTensor:
     base: bool = True  # False when extracting a vector: there is no target term (out = round(grpo - sft))
 
     @property
-    def alpha(self) -> float:
-        """The first vector's alpha for the first output (the only one of a plain merge)."""
-        return self.terms[0].alphas[0] if self.terms else 1.0
-
-    @property
-    def sft(self) -> TensorRef | None:
-        return self.terms[0].minus_ref if self.terms else None
-
-    @property
-    def grpo(self) -> TensorRef | None:
-        return self.terms[0].plus_ref if self.terms else None
-
-    @property
     def outputs_differ(self) -> bool:
         """Whether the outputs of a sweep get different values for this tensor (else one result is written to all)."""
         return any(len(set(term.alphas)) > 1 for term in self.terms)
