@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_CPU ?= torch==2.13.0
 STAMP := build/.installed
 
-.PHONY: install demo test lint format bench bench-smoke gpu-check wheel clean
+.PHONY: install demo test lint format bench bench-smoke gpu-check peer-wheels wheel clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
@@ -37,6 +37,15 @@ bench-smoke: $(STAMP)
 # On a machine with a CUDA GPU (one shot, ~6 minutes): cuda tests, CPU vs CUDA SHA-256, kernel vs copy, pipeline.
 gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check
+
+# The peer for gpu-check's mergekit step, as wheels for the lent GPU machine (Python 3.12, x86-64, no package registry
+# there): mergekit 0.1.5 and what its image lacks. Carry `.whl` with the run; gpu_check installs them privately.
+PEER_WHEELS := mergekit==0.1.5 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 \
+	typing_inspection==0.4.5 typing_extensions==4.16.0 immutables==0.21 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+PEER_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 manylinux_2_5_x86_64
+peer-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(PEER_PLATFORMS)) -d .whl $(PEER_WHEELS)
 
 wheel: $(STAMP)
 	$(PYTHON) -m build --wheel --outdir dist .

@@ -22,7 +22,8 @@ most important first, skipped when the time budget (``--budget``) is spent:
    with 1 and 4 threads.
 7. ``sparse70b``: a Llama-3-70B-layout trio of holes (2 layers: embedding + head 2.1 GB each) merged on the GPU to
    the null sink with 64 MiB chunks: peak GPU memory.
-8. ``mergekit``: ``mergekit-yaml --cuda`` on the same trio when mergekit is importable, else recorded as absent.
+8. ``mergekit``: ``mergekit-yaml --cuda`` on the same trio: an installed mergekit, else the wheels carried in
+   ``.whl/`` (``make peer-wheels``), else recorded as absent.
 
 The last thing printed is a short table; the full results (card, versions, sizes, every figure, every failure) go
 to ``benchmarks/results/gpu_check-<timestamp>.json`` and, when ``$OUT`` is set (the device tool's output folder),
@@ -520,30 +521,58 @@ def step_sparse70b(state: dict) -> dict:
     return res
 
 
+# Wheels for the peer, carried to the device machine (which reaches no package registry): ``make peer-wheels`` fills
+# this folder (git-ignored) with mergekit 0.1.5 and the pure-Python pieces its image lacks, for Python 3.12.
+PEER_WHEELS = machine.REPO_ROOT / ".whl"
+
+
+def _mergekit_command(work: Path) -> tuple[list[str] | None, dict[str, str], str]:
+    """How to run ``mergekit-yaml`` here: (command prefix or None, extra environment, where it came from).
+
+    An installed mergekit wins. Otherwise the carried wheels are installed with ``--no-index --no-deps`` into a
+    private folder that only the mergekit process sees on its ``PYTHONPATH``, so this script's own imports never
+    pick up their versions of shared packages (typing_extensions)."""
+    exe = shutil.which("mergekit-yaml")
+    if exe and importlib.util.find_spec("mergekit") is not None:
+        return [exe], {}, "installed"
+    wheels = sorted(PEER_WHEELS.glob("*.whl"))
+    if not any(w.name.startswith("mergekit-") for w in wheels):
+        return None, {}, f"not installed and no mergekit wheel in {PEER_WHEELS} (run `make peer-wheels` and carry .whl)"
+    site = work / "peer-site"
+    shutil.rmtree(site, ignore_errors=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target"]
+    proc = subprocess.run([*pip, str(site), *map(str, wheels)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, {}, f"installing the carried wheels failed: {(proc.stdout + proc.stderr)[-500:]}"
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
+    return [sys.executable, "-m", "mergekit.scripts.run_yaml"], {"PYTHONPATH": path}, f"carried wheels ({len(wheels)})"
+
+
 def step_mergekit(state: dict) -> dict:
     from . import tools
 
-    res: dict = {"importable": importlib.util.find_spec("mergekit") is not None}
-    exe = shutil.which("mergekit-yaml")
-    res["cli"] = exe
-    if not res["importable"] or exe is None:
-        res["skipped"] = "mergekit is not importable here (carry its wheel and pure-Python dependencies to run it)"
-        return res
     if not _cuda():
-        res["skipped"] = "no CUDA GPU for mergekit --cuda"
+        return {"skipped": "no CUDA GPU for mergekit --cuda"}
+    work = Path(state["workdir"])
+    cmd, extra_env, source = _mergekit_command(work)
+    res: dict = {"source": source}
+    if cmd is None:
+        res["skipped"] = source
         return res
     trio = _trio(state)
-    work = Path(state["workdir"])
     cfg = work / "mergekit.yml"
     cfg.write_text(tools.mergekit_yaml(*trio, 1.0, float32=False, out_dtype="BF16"))
     out = work / "out-mergekit"
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, **tools.OFFLINE_ENV}
+    env = {**os.environ, **tools.OFFLINE_ENV, **extra_env}
     t0 = time.perf_counter()
-    proc = subprocess.run([exe, str(cfg), str(out), "--cuda"], capture_output=True, text=True, env=env)
+    proc = subprocess.run([*cmd, str(cfg), str(out), "--cuda"], capture_output=True, text=True, env=env)
     res["wall_s"] = time.perf_counter() - t0
     res["returncode"] = proc.returncode
     res["tail"] = (proc.stdout + proc.stderr)[-2000:]
+    if proc.returncode != 0:
+        res["error"] = f"mergekit-yaml exited {proc.returncode}"
+        res.pop("wall_s")
     shutil.rmtree(out, ignore_errors=True)
     return res
 

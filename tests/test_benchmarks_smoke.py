@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,53 @@ def test_gpu_check_plumbing_on_the_simulated_device(tmp_path):
     assert all(r.get("bytes_equal_cpu") for k, r in steps["pipeline"]["runs"].items() if k.startswith("cuda"))
     assert steps["e2e"]["bytes_equal"] is True
     assert steps["sweep"]["bytes_equal"] is True and steps["sweep"]["combine_bytes_equal"] is True
+
+
+def _fake_wheel(folder: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A minimal pure-Python wheel (what pip needs to install one offline)."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {
+        **files,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{k},,\n" for k in [*files, f"{info}/RECORD"])
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_gpu_check_runs_the_peer_from_carried_wheels(tmp_path, monkeypatch):
+    """The device machine has no package registry: mergekit travels as wheels in .whl/ (``make peer-wheels``).
+    gpu_check installs them into a private folder seen only by the mergekit process, which then runs with them."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from benchmarks import gpu_check
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    monkeypatch.setattr(gpu_check, "PEER_WHEELS", wheels)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # as on the device: no mergekit-yaml
+    cmd, env, source = gpu_check._mergekit_command(tmp_path)
+    assert cmd is None and "make peer-wheels" in source
+
+    script = "import sys, pathlib, helper\npathlib.Path(sys.argv[2]).write_text(helper.VALUE + ' ' + sys.argv[3])\n"
+    _fake_wheel(
+        wheels,
+        "mergekit",
+        "0.1.5",
+        {"mergekit/__init__.py": "", "mergekit/scripts/__init__.py": "", "mergekit/scripts/run_yaml.py": script},
+    )
+    _fake_wheel(wheels, "helper", "1.0", {"helper.py": "VALUE = 'carried'\n"})
+    cmd, env, source = gpu_check._mergekit_command(tmp_path)
+    assert cmd is not None, source
+    assert source == "carried wheels (2)"
+    # The carried packages are visible to the peer's process only, not to this one.
+    assert str(tmp_path / "peer-site") in env["PYTHONPATH"]
+    assert "helper" not in sys.modules
+    done = subprocess.run([*cmd, "cfg.yml", str(tmp_path / "marker"), "--cuda"], env={**os.environ, **env})
+    assert done.returncode == 0
+    assert (tmp_path / "marker").read_text() == "carried --cuda"
