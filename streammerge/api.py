@@ -29,7 +29,7 @@ from .plan import (
     sweep_plan,
 )
 from .spec import Spec, load_spec
-from .writer import MANIFEST, NullWriter, OutputWriter, SweepWriter
+from .writer import MANIFEST, NullWriter, OutputWriter, SweepWriter, read_manifest, remove_output
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -403,6 +403,7 @@ def _execute(
             small = {path.name: path.read_bytes() for path in vp.aux_files}
             small["README.md"] = model_card(vp).encode()
             files.append(w.finalize(small))
+    root_notes = _earlier_sweep_outputs(out_dir, dirs, opts.overwrite) if p.variants and sink == "disk" else []
     seconds = time.perf_counter() - t_start
     moved = stats.bytes_read + stats.bytes_written
     pushed = ""
@@ -413,6 +414,7 @@ def _execute(
     reports = []
     for k, (d, vp, w) in enumerate(zip(dirs, plans, writers)):
         notes = [f"sweep: output {k + 1} of {len(plans)} from one pass over the inputs"] if p.variants else []
+        notes += root_notes if k == 0 else []
         reports.append(
             MergeReport(
                 out_dir=str(d) if sink == "disk" or p.variants else str(out_dir),
@@ -437,6 +439,24 @@ def _execute(
             )
         )
     return reports
+
+
+def _earlier_sweep_outputs(root: Path, dirs: list[Path], overwrite: bool) -> list[str]:
+    """After a sweep into ``root``: the ``alpha-*`` outputs an earlier sweep left there with other alphas. With
+    ``overwrite`` they are removed (only what their manifests record), since the root now stands for this sweep;
+    else they are named, so nobody takes them for this sweep's."""
+    ours = {d.name for d in dirs}
+    others = sorted(d for d in root.glob("alpha-*") if d.name not in ours and read_manifest(d) is not None)
+    if not others:
+        return []
+    if not overwrite:
+        names = ", ".join(d.name for d in others)
+        return [f"sweep: {root} also holds {names} from an earlier sweep (not this one's; --overwrite removes them)"]
+    notes = []
+    for d in others:
+        why = remove_output(d)
+        notes.append(f"sweep: removed {d.name} of an earlier sweep (--overwrite)" if why is None else f"sweep: {why}")
+    return notes
 
 
 def sweep(

@@ -62,6 +62,53 @@ def read_manifest(out_dir: Path) -> dict | None:
         raise OutputError(f"{p}: unreadable streammerge manifest; remove the output directory and start over") from None
 
 
+def _remove_recorded(out_dir: Path, previous: dict) -> None:
+    """Remove only what a previous streammerge run recorded in its manifest, index first so nothing looks complete,
+    the manifest last."""
+    names = [INDEX_FILE, *previous.get("files", []), *previous.get("shards", {}), MANIFEST]
+    for name in names:
+        if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
+            try:
+                (out_dir / name).unlink()
+            except FileNotFoundError:
+                pass
+
+
+def remove_output(out_dir: Path) -> str | None:
+    """Delete a streammerge output directory that nothing is writing: the files its manifest records, its
+    temporaries, then the directory if that leaves it empty. Returns why it was left (in part or whole), or None.
+
+    For ``--overwrite`` on a sweep: outputs of an earlier sweep's other alphas would otherwise stay beside the new
+    ones and look like part of it."""
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        return f"{out_dir}: not a directory"
+    previous = read_manifest(out_dir)
+    if previous is None:
+        return f"{out_dir}: not a streammerge output (no {MANIFEST})"
+    try:
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        return f"{out_dir}: cannot open ({e.strerror or e})"
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return f"{out_dir}: another streammerge process is writing it"
+        _remove_recorded(out_dir, previous)
+        for p in out_dir.iterdir():
+            if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX):
+                p.unlink(missing_ok=True)
+        left = list(out_dir.iterdir())
+        if left:
+            return f"{out_dir}: kept, it holds {len(left)} file(s) streammerge did not write"
+        out_dir.rmdir()
+        return None
+    except OSError as e:
+        return f"{out_dir}: could not remove ({e.strerror or e})"
+    finally:
+        os.close(fd)
+
+
 class OutputWriter:
     """Writes one merge's output directory. Use as a context manager: leaving it with an exception aborts.
 
@@ -171,14 +218,7 @@ class OutputWriter:
         rest = [p for p in self.out_dir.iterdir() if p not in partials]
         self._check_may_clear(previous, rest)
         if rest and previous is not None:
-            # Remove only what the previous streammerge run wrote, index first so nothing looks complete.
-            names = [INDEX_FILE, *previous.get("files", []), *previous.get("shards", {}), MANIFEST]
-            for name in names:
-                if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
-                    try:
-                        (self.out_dir / name).unlink()
-                    except FileNotFoundError:
-                        pass
+            _remove_recorded(self.out_dir, previous)
         for p in partials:
             p.unlink(missing_ok=True)
 

@@ -506,3 +506,48 @@ def test_sweep_checks_every_output_before_touching_any(five, tmp_path) -> None:
     assert len(reports) == 2
     with pytest.raises(streammerge.StreamMergeError, match="root of an alpha sweep; verify each output: alpha-0.5"):
         streammerge.verify(out)
+
+
+def test_overwrite_on_a_sweep_removes_an_earlier_sweeps_other_alphas(five, tmp_path) -> None:
+    """The root of a sweep stands for that sweep: with --overwrite, outputs an earlier sweep left there for other
+    alphas go (only the files their manifests record); without it they are named in the report. Anything streammerge
+    did not write stays."""
+    out = tmp_path / "root"
+    streammerge.sweep(five["t"], five["s1"], five["g1"], out, [0.5, 2, -1], **KW)
+    (out / "alpha--1" / "notes.txt").write_text("the user's own file")
+    (out / "alpha-9").mkdir()
+    (out / "alpha-9" / "data.bin").write_text("not a streammerge output")
+
+    reports = streammerge.sweep(five["t"], five["s1"], five["g1"], out, [1, 4], **KW)
+    assert any("also holds alpha--1, alpha-0.5, alpha-2 from an earlier sweep" in w for w in reports[0].warnings)
+    assert {p.name for p in out.iterdir()} == {"alpha--1", "alpha-0.5", "alpha-1", "alpha-2", "alpha-4", "alpha-9"}
+
+    want = _files(out / "alpha-2")
+    reports = streammerge.sweep(five["t"], five["s1"], five["g1"], out, [2, 3], overwrite=True, **KW)
+    notes = reports[0].warnings
+    assert "sweep: removed alpha-0.5 of an earlier sweep (--overwrite)" in notes
+    assert "sweep: removed alpha-1 of an earlier sweep (--overwrite)" in notes
+    assert "sweep: removed alpha-4 of an earlier sweep (--overwrite)" in notes
+    assert any("alpha--1: kept, it holds 1 file(s) streammerge did not write" in w for w in notes)
+    assert {p.name for p in out.iterdir()} == {"alpha--1", "alpha-2", "alpha-3", "alpha-9"}
+    assert [p.name for p in (out / "alpha--1").iterdir()] == ["notes.txt"]  # its weights and manifest are gone
+    assert (out / "alpha-9" / "data.bin").read_text() == "not a streammerge output"
+    assert _files(out / "alpha-2") == want  # rewritten, same bytes
+
+
+def test_remove_output_leaves_a_directory_another_process_writes(five, tmp_path) -> None:
+    import fcntl
+
+    from streammerge.writer import remove_output
+
+    d = tmp_path / "busy"
+    streammerge.merge(five["t"], five["s1"], five["g1"], d, **KW)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert "another streammerge process is writing it" in remove_output(d)
+    finally:
+        os.close(fd)
+    assert (d / MANIFEST).exists()
+    assert remove_output(d) is None and not d.exists()
+    assert "not a directory" in remove_output(d)
