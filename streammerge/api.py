@@ -15,7 +15,7 @@ from . import __version__
 from ._faults import crash_point
 from .checkpoint import Checkpoint, open_checkpoint
 from .engines import EngineStats, Progress
-from .errors import EngineError, OptionsError, OutputError, StreamMergeError
+from .errors import CheckpointError, EngineError, OptionsError, OutputError, StreamMergeError
 from .memory import available_memory
 from .options import MergeOptions
 from .plan import (
@@ -385,12 +385,16 @@ def _execute(
         for ck in ckpts.values():
             if ck is not None:
                 ck.drop_cache = True
+    guard = InputGuard(ckpts)  # before the identity: a change after either is caught
     inputs = input_identity(ckpts)  # headers hashed once for every output of a sweep
     identities = [merge_identity(vp, ckpts, inputs) for vp in plans]
     crash_point("planned")
     with contextlib.ExitStack() as stack:
         if sink == "disk":
-            writers = [OutputWriter(d, vp, ident, resume=resume) for d, vp, ident in zip(dirs, plans, identities)]
+            writers = [
+                OutputWriter(d, vp, ident, resume=resume, before_publish=guard.check)
+                for d, vp, ident in zip(dirs, plans, identities)
+            ]
             for w in writers:
                 w.preflight()  # every output is checked before any is touched
             writers = [stack.enter_context(w) for w in writers]
@@ -707,6 +711,46 @@ def apply(
     finally:
         for c in opened.values():
             c.close()
+
+
+class InputGuard:
+    """Every input file's size, mtime and inode when the merge starts; :meth:`check` raises if any has changed.
+
+    A checkpoint rewritten in place during a merge (a download or a save still running) would give an output that
+    mixes old and new bytes. The writer calls :meth:`check` before it gives an output file its final name, after
+    every read that file's bytes came from, so such a file is never published. (A file truncated under the read
+    can still end the process with SIGBUS, like any mmap reader; the output is then left incomplete, never
+    complete-looking.)"""
+
+    def __init__(self, ckpts: dict[str, Checkpoint | None]):
+        self._stats: dict[Path, tuple[int, int, int, int]] = {}
+        for ck in ckpts.values():
+            for f in ck.files if ck is not None else ():
+                self._stats.setdefault(f, self._stat(f))
+
+    @staticmethod
+    def _stat(f: Path) -> tuple[int, int, int, int]:
+        try:
+            st = f.stat()
+        except OSError:
+            return (-1, -1, -1, -1)
+        return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    def check(self) -> None:
+        for f, before in self._stats.items():
+            now = self._stat(f)
+            if now != before:
+                what = (
+                    "removed"
+                    if now[0] < 0
+                    else f"{before[0]} bytes then, {now[0]} now"
+                    if now[0] != before[0]
+                    else "rewritten"
+                )
+                raise CheckpointError(
+                    f"{f}: input changed while merging ({what}); the output would mix old and new bytes, so nothing "
+                    "more was published. Wait until the input is complete and stable, then run again with --overwrite"
+                )
 
 
 def input_identity(ckpts: dict[str, Checkpoint]) -> dict[str, list[dict]]:

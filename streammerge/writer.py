@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ._faults import crash_point
@@ -121,8 +122,16 @@ class OutputWriter:
         resume (`bool`): keep shards an interrupted run with the same fingerprint finished (after re-hashing them).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, plan: MergePlan, manifest: dict | None = None, resume: bool = False):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        plan: MergePlan,
+        manifest: dict | None = None,
+        resume: bool = False,
+        before_publish: Callable[[], None] | None = None,
+    ):
         self.out_dir = Path(out_dir)
+        self.before_publish = before_publish  # raises to stop an output file getting its final name
         self.plan = plan
         self.manifest = dict(manifest or {})
         self.manifest.setdefault("fingerprint", "")
@@ -356,6 +365,8 @@ class OutputWriter:
                 digest = self._hash[file].hexdigest()
             else:
                 digest = sha256_file(self._temps[file])
+            if self.before_publish is not None:
+                self.before_publish()
             os.replace(self._temps[file], self.out_dir / f.name)
         except OSError as e:
             raise self._write_error(f.name, e) from None

@@ -191,3 +191,44 @@ def test_output_path_that_is_a_symlink_is_refused(trio, tmp_path):
     r = subprocess.run(_cmd(dirs, tmp_path / "link"), capture_output=True, text=True)
     assert r.returncode == 1 and "symlink" in r.stderr
     assert not any(real.iterdir())
+
+
+@pytest.mark.parametrize("change", ["rewrite", "append"])
+def test_input_changed_during_the_merge_is_never_published(trio, tmp_path, change):
+    """An input rewritten in place mid-merge (a save or a download still running) would give output mixing old and
+    new bytes: no output file is given its final name after the change, and the error names the file."""
+    import shutil
+
+    dirs, ref = trio
+    copies = [Path(shutil.copytree(d, tmp_path / d.name)) for d in dirs]
+    victim = sorted(copies[1].glob("*.safetensors"))[-1]
+    done = []
+
+    def progress(event) -> None:
+        if done:
+            return
+        done.append(event)
+        with open(victim, "r+b") as f:
+            if change == "append":
+                f.seek(0, os.SEEK_END)
+                f.write(b"\0" * 8)
+            else:
+                f.seek(-4, os.SEEK_END)
+                f.write(b"\x7f\x7f\x7f\x7f")
+        st = victim.stat()
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # coarse-mtime filesystems too
+
+    out = tmp_path / "out"
+    size = victim.stat().st_size
+    what = f"{size} bytes then, {size + 8} now" if change == "append" else r"\(rewritten\)"
+    with pytest.raises(streammerge.CheckpointError, match=f"{victim.name}: input changed while merging.*{what}"):
+        streammerge.merge(*copies, out, device="cpu", max_shard_size=MAX_SHARD, chunk_bytes=65536, progress=progress)
+    assert done
+    visible = _visible(out)
+    assert "model.safetensors.index.json" not in visible
+    for name, digest in visible.items():  # published before the change: the reference's bytes
+        assert digest == _digest(ref / name), name
+    # --resume refuses the changed input (or the now invalid file), in one line with exit 1.
+    r = subprocess.run(_cmd(copies, out, "--resume"), capture_output=True, text=True)
+    why = "cannot resume" if change == "rewrite" else "trailing bytes"
+    assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr
