@@ -6,7 +6,7 @@ output bytes on every device; several alphas in one pass (:func:`sweep`) and man
 
 __version__ = "0.1.0"
 
-from .api import MergeReport, apply, combine, extract, merge, plan, plan_combine, sweep, sweep_dirname  # noqa: E402
+from .api import MergeReport, apply, apply_sweep, combine, extract, merge, plan, plan_combine, sweep, sweep_dirname  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     EngineError,
@@ -35,6 +35,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "apply",
+    "apply_sweep",
     "combine",
     "extract",
     "load_spec",

@@ -508,19 +508,24 @@ def sweep(
         _close(ckpts)
 
 
-def _sweep_plan(target, sft, grpo, values: list[float], opts: MergeOptions, headers_only: bool = False):
+def _check_sweep_alphas(values: list[float]) -> None:
     names = [sweep_dirname(a) for a in values]
     if len(values) < 2:
-        raise OptionsError("a sweep needs two or more alphas (for one, use merge)")
+        raise OptionsError("a sweep needs two or more alphas (for one, use merge or apply)")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise OptionsError(f"alpha: repeated value(s) {', '.join(dup)}; give each alpha once")
+
+
+def _with_alpha(opts: MergeOptions, alpha: float) -> MergeOptions:
+    return MergeOptions.create(**{f.name: getattr(opts, f.name) for f in fields(opts)} | {"alpha": alpha})
+
+
+def _sweep_plan(target, sft, grpo, values: list[float], opts: MergeOptions, headers_only: bool = False):
+    _check_sweep_alphas(values)
     ckpts = _open_all(target, sft, grpo, headers_only=headers_only)
     try:
-        plans = []
-        for a in values:
-            o = MergeOptions.create(**{f.name: getattr(opts, f.name) for f in fields(opts)} | {"alpha": a})
-            plans.append(build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], o))
+        plans = [build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], _with_alpha(opts, a)) for a in values]
         return sweep_plan(plans), ckpts
     except BaseException:
         _close(ckpts)
@@ -695,8 +700,48 @@ def apply(
     t_start = time.perf_counter()
     explicit = {k: v for k, v in (("alpha", alpha), ("device", device)) if v is not None}
     opts = _options(options, {**explicit, **kwargs})
+    p, ckpts, opened = _apply_plan(target, vector, [opts.alpha], opts, any_vector)
+    try:
+        return _execute(p, ckpts, _out_path(out), opts, t_start, progress, resume, sink, push_to, private)[0]
+    finally:
+        _close(opened)
+
+
+def apply_sweep(
+    target: str | os.PathLike,
+    vector: str | os.PathLike,
+    out: str | os.PathLike,
+    alphas,
+    *,
+    device: str | None = None,
+    options: MergeOptions | None = None,
+    progress: ProgressCallback | None = None,
+    resume: bool = False,
+    sink: str = "disk",
+    any_vector: bool = False,
+    **kwargs,
+) -> list[MergeReport]:
+    """:func:`apply` at several alphas in one pass: ``out/alpha-A = target + A * vector`` for each ``A``.
+
+    As :func:`sweep` is to :func:`merge`: every input byte is read once, and each output is byte-identical to
+    ``apply(target, vector, out/alpha-A, alpha=A)``. Returns one report per alpha, in order.
+    """
+    t_start = time.perf_counter()
+    values = parse_alphas(alphas)
+    explicit = {"device": device} if device is not None else {}
+    opts = _options(options, {**explicit, **kwargs})
+    _check_sweep_alphas(values)
+    p, ckpts, opened = _apply_plan(target, vector, values, opts, any_vector)
+    try:
+        return _execute(p, ckpts, _out_path(out), opts, t_start, progress, resume, sink, None, False)
+    finally:
+        _close(opened)
+
+
+def _apply_plan(target, vector, values: list[float], opts: MergeOptions, any_vector: bool):
+    """The plan of ``target + alpha * vector`` (a sweep plan for several alphas), the engine's checkpoints and the
+    opened ones to close."""
     opened = _open_all(target, vector, vector)
-    ckpts = {"target": opened["target"], "sft": None, "grpo": opened["grpo"]}
     try:
         vec = opened["grpo"]
         if not any_vector and vec.headers and vec.headers[0].metadata.get("streammerge_formula") != "grpo - sft":
@@ -706,11 +751,17 @@ def apply(
                 "if it really is a difference of two checkpoints"
             )
         sources = {"target": opened["target"].source, "sft": "-", "grpo": opened["grpo"].source}
-        p = build_plan(opened["target"], opened["sft"], opened["grpo"], opts, sources=sources, kind="apply")
-        return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, push_to, private)[0]
-    finally:
-        for c in opened.values():
-            c.close()
+        plans = [
+            build_plan(
+                opened["target"], opened["sft"], opened["grpo"], _with_alpha(opts, a), sources=sources, kind="apply"
+            )
+            for a in values
+        ]
+        p = sweep_plan(plans) if len(plans) > 1 else plans[0]
+        return p, {"target": opened["target"], "sft": None, "grpo": opened["grpo"]}, opened
+    except BaseException:
+        _close(opened)
+        raise
 
 
 class InputGuard:

@@ -95,7 +95,6 @@ def _gb(n: float) -> str:
 TargetArg = Annotated[str, typer.Argument(help="Target checkpoint (directory, index or .safetensors file).")]
 SftArg = Annotated[str, typer.Argument(help="SFT checkpoint: the vector's base (subtracted).")]
 GrpoArg = Annotated[str, typer.Argument(help="GRPO checkpoint: the vector's end (added).")]
-AlphaOpt = Annotated[float, typer.Option("--alpha", "-a", help="Scale of the vector; 1 adds it, -1 removes it.")]
 SweepAlphaOpt = Annotated[
     str,
     typer.Option(
@@ -523,7 +522,7 @@ def apply_cmd(
     target: TargetArg,
     vector: Annotated[str, typer.Argument(help="A vector written by `streammerge extract`.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output directory (new or empty).")],
-    alpha: AlphaOpt = 1.0,
+    alpha: SweepAlphaOpt = "1",
     device: DeviceOpt = "auto",
     chunk_size: ChunkOpt = "16MiB",
     max_shard_size: ShardOpt = "5GB",
@@ -534,8 +533,13 @@ def apply_cmd(
     vocab_mismatch: VocabOpt = "error",
     rule: RuleOpt = None,
     rules: RulesFileOpt = None,
+    threads: ThreadsOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous streammerge output.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted apply.")] = False,
+    check_finite: Annotated[
+        bool, typer.Option("--check-finite", help="Report tensors that became NaN/inf from finite inputs.")
+    ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="With --check-finite: fail on such a tensor.")] = False,
     push_to: Annotated[
         str | None, typer.Option("--push-to", help="Upload the verified output to this Hub repo.")
     ] = None,
@@ -543,6 +547,7 @@ def apply_cmd(
     any_vector: Annotated[
         bool, typer.Option("--any-vector", help="Accept a VECTOR not written by `streammerge extract`.")
     ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only errors and the summary.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """OUT = TARGET + alpha * VECTOR, with a vector from `streammerge extract` (fp32 vectors: the same bytes as merge).
@@ -552,13 +557,16 @@ def apply_cmd(
       streammerge apply Qwen2.5-7B-Instruct ./reasoning-vector -o ./with-reasoning
 
       streammerge apply ./model ./reasoning-vector -o ./without-reasoning --alpha -1
+
+      streammerge apply ./model ./reasoning-vector -o ./sweep --alpha 0.5,1,1.5   # sweep/alpha-0.5/ ... in one pass
     """
 
     def body():
-        from .api import apply as apply_fn
+        from .api import parse_alphas
 
+        alphas = parse_alphas(alpha)
         opts = _options(
-            alpha=alpha,
+            alpha=alphas[0],
             device=device,
             chunk_bytes=chunk_size,
             max_shard_size=max_shard_size,
@@ -569,12 +577,41 @@ def apply_cmd(
             vocab_mismatch=vocab_mismatch,
             rule=rule,
             rules_file=rules,
+            threads=threads,
             overwrite=overwrite,
+            check_finite=check_finite or strict,
+            strict=strict,
         )
-        r = apply_fn(
-            target, vector, out, options=opts, resume=resume, push_to=push_to, private=private, any_vector=any_vector
-        )
-        _print_report(r, opts, as_json)
+        if len(alphas) > 1:
+            from .api import apply_sweep
+
+            if push_to:
+                from .errors import OptionsError
+
+                raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep")
+
+            def run(progress=None):
+                return apply_sweep(
+                    target, vector, out, alphas, options=opts, progress=progress, resume=resume, any_vector=any_vector
+                )
+
+        else:
+            from .api import apply as apply_fn
+
+            def run(progress=None):
+                return apply_fn(
+                    target,
+                    vector,
+                    out,
+                    options=opts,
+                    progress=progress,
+                    resume=resume,
+                    push_to=push_to,
+                    private=private,
+                    any_vector=any_vector,
+                )
+
+        _merge_body(run, opts, quiet, as_json)
 
     _run(body)
 

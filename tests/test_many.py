@@ -551,3 +551,37 @@ def test_remove_output_leaves_a_directory_another_process_writes(five, tmp_path)
     assert (d / MANIFEST).exists()
     assert remove_output(d) is None and not d.exists()
     assert "not a directory" in remove_output(d)
+
+
+def test_apply_sweep_equals_single_applies_and_the_merge_sweep(five, tmp_path) -> None:
+    """Several alphas of an extracted vector in one pass: each output is byte-identical to a single apply and, for a
+    float32 vector, to the merge sweep's output; the inputs are read once."""
+    vec = tmp_path / "vec"
+    streammerge.extract(five["s1"], five["g1"], vec, chunk_bytes=4096)
+    alphas = [0.5, -1.0, 2.0]
+    reports = streammerge.apply_sweep(five["t"], vec, tmp_path / "sw", alphas, **KW)
+    assert [Path(r.out_dir).name for r in reports] == ["alpha-0.5", "alpha--1", "alpha-2"]
+    merged = streammerge.sweep(five["t"], five["s1"], five["g1"], tmp_path / "msw", alphas, **KW)
+    for a, r, m in zip(alphas, reports, merged):
+        one = streammerge.apply(five["t"], vec, tmp_path / f"one{a}", alpha=a, **KW)
+        got = _files(Path(r.out_dir))
+        assert got == _files(Path(one.out_dir)), f"alpha {a}: differs from a single apply"
+        # The same tensor bytes as the merge sweep (headers differ only in the recorded formula and sources).
+        mine, theirs = load_all(Path(r.out_dir)), load_all(Path(m.out_dir))
+        assert mine.keys() == theirs.keys()
+        assert all(np.array_equal(raw_bits(mine[k]), raw_bits(theirs[k])) for k in mine if mine[k].is_floating_point())
+    assert reports[0].bytes_read == one.bytes_read
+    with pytest.raises(OptionsError, match="two or more alphas"):
+        streammerge.apply_sweep(five["t"], vec, tmp_path / "x", [1.0], **KW)
+
+
+def test_apply_cli_sweep_and_progress_options(five, tmp_path) -> None:
+    vec = tmp_path / "vec"
+    streammerge.extract(five["s1"], five["g1"], vec, chunk_bytes=4096)
+    args = ["apply", str(five["t"]), str(vec), "-o", str(tmp_path / "sw"), "--alpha", "1,-1", "--device", "cpu"]
+    r = runner.invoke(app, [*args, "--chunk-size", "4KiB", "--check-finite", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "sweep: output 2 of 2 from one pass over the inputs" in r.output
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["alpha--1", "alpha-1"]
+    r = runner.invoke(app, [*args, "--push-to", "me/x"])
+    assert r.exit_code == 1 and "a sweep writes one per alpha" in r.output
