@@ -6,25 +6,30 @@
 Steps, each in its own process with its own timeout (a hung or crashed step is recorded and the next one runs),
 most important first, skipped when the time budget (``--budget``) is spent:
 
-1. ``env``: card, driver, clocks (``nvidia-smi`` queries only), versions, cores, memory, disk.
+1. ``env``: card, driver, clocks (``nvidia-smi`` queries only), versions, cores, memory, disk, and whether the
+   device supports ``cudaHostRegister`` and its ReadOnly flag.
 2. ``pytest``: the ``cuda``-marked tests (``pytest -m cuda``): GPU output bytes = CPU engine bytes, both input
-   paths, refused registration, resume, null sink, peak memory of a 2 GB embedding, the compiled kernel.
-3. ``generate``: a synthetic trio (``streammerge.synth``; full size: Qwen2.5-7B layout cut to 4 layers, 4.0 GB per
+   paths, refused registration, resume, null sink, peak memory of a 2 GB embedding, the compiled kernel. A hung
+   test fails alone (pytest-timeout, 60 s); the log is written as it runs (``$OUT/pytest-cuda.log``).
+3. ``kernel``: the merge kernel alone against a device-to-device copy of the same bytes (``triton.testing.do_bench``
+   medians), a block-size sweep, pinned H2D/D2H and H2D from a registered read-only file mapping, registration speed
+   with 1 and 4 threads. Needs no trio, so it runs before the slow steps.
+4. ``generate``: a synthetic trio (``streammerge.synth``; full size: Qwen2.5-7B layout cut to 4 layers, 4.0 GB per
    checkpoint), timed.
-4. ``pipeline``: page cache -> GPU -> null sink (``sink="null-sha256"``): the CPU engine, then the CUDA engine with
+5. ``pipeline``: page cache -> GPU -> null sink (``sink="null-sha256"``): the CPU engine, then the CUDA engine with
    registered windows (16 and 64 MiB chunks) and with pinned staging, each once plain and once with ``profile`` for
    the per-stage breakdown (host read = registration / pack, H2D, kernel, D2H, write) and the overlap; SHA-256 of
    every output file compared with the CPU engine's.
-5. ``e2e``: the I/O floor (read the inputs + write and fsync the output's bytes), then the CPU and the CUDA engine
+6. ``e2e``: the I/O floor (read the inputs + write and fsync the output's bytes), then the CPU and the CUDA engine
    to disk; output files re-hashed and compared.
-6. ``kernel``: the merge kernel alone against a device-to-device copy of the same bytes (``triton.testing.do_bench``
-   medians), a block-size sweep, pinned H2D/D2H and H2D from a registered read-only file mapping, registration speed
-   with 1 and 4 threads.
-7. ``sparse70b``: a Llama-3-70B-layout trio of holes (2 layers: embedding + head 2.1 GB each) merged on the GPU to
+7. ``sweep``: a 3-alpha sweep against 3 single runs on CUDA, and a 2-vector combine on CUDA against the CPU engine.
+8. ``sparse70b``: a Llama-3-70B-layout trio of holes (2 layers: embedding + head 2.1 GB each) merged on the GPU to
    the null sink with 64 MiB chunks: peak GPU memory.
-8. ``mergekit``: ``mergekit-yaml --cuda`` on the same trio: an installed mergekit, else the wheels carried in
+9. ``mergekit``: ``mergekit-yaml --cuda`` on the same trio: an installed mergekit, else the wheels carried in
    ``.whl/`` (``make peer-wheels``), else recorded as absent.
 
+Each step saves its parts as they complete, and the results file is rewritten after every step, so a step killed
+on its timeout, or the whole run cut short, keeps what was measured before.
 The last thing printed is a short table; the full results (card, versions, sizes, every figure, every failure) go
 to ``benchmarks/results/gpu_check-<timestamp>.json`` and, when ``$OUT`` is set (the device tool's output folder),
 to ``$OUT`` as well.
@@ -36,6 +41,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,7 +56,7 @@ from . import machine
 DEFAULT_WORKDIR = Path("/tmp/streammerge-gpu-check")
 RESULTS_DIR = machine.REPO_ROOT / "benchmarks" / "results"
 # The whole run's budget (seconds): the lease allows ~6 minutes for the script; steps that no longer fit are skipped.
-DEFAULT_BUDGET_S = 330.0
+DEFAULT_BUDGET_S = 360.0
 
 # What each size generates. full: the issue's 4 GB-per-checkpoint trio (DESIGN.md section 5 measured mergekit and
 # the floor on it); small: ~0.6 GB per checkpoint; tiny: a few MB (any machine, seconds).
@@ -83,12 +89,12 @@ SIZES = {
 # Per-step timeouts (seconds, full size), in run order. A step also gets no more than the budget left.
 STEP_TIMEOUTS = {
     "env": 60,
-    "pytest": 180,
+    "pytest": 150,
+    "kernel": 90,
     "generate": 150,
     "pipeline": 150,
     "e2e": 150,
     "sweep": 90,
-    "kernel": 120,
     "sparse70b": 120,
     "mergekit": 150,
 }
@@ -145,6 +151,7 @@ def step_env(state: dict) -> dict:
                 "multi_processor_count": p.multi_processor_count,
                 "capability": f"{p.major}.{p.minor}",
             }
+            out["host_register"] = _host_register_attributes()
     except Exception as e:  # noqa: BLE001 - recorded
         out["torch_error"] = repr(e)
     try:
@@ -158,16 +165,67 @@ def step_env(state: dict) -> dict:
     return out
 
 
+# A hung test (a driver call, say) fails alone after this many seconds, with its name, when pytest-timeout is
+# installed (the lent machines' image has it); the step's own timeout stays the backstop.
+PER_TEST_TIMEOUT_S = 60
+
+
+# cudaDeviceAttr values (CUDA runtime, driver_types.h): whether cudaHostRegister, and its ReadOnly flag that the
+# engine's registered input windows use, are supported on this device (0 on some platforms: staging then).
+_ATTR_HOST_REGISTER = 99
+_ATTR_HOST_REGISTER_READ_ONLY = 113
+
+
+def _host_register_attributes() -> dict:
+    import ctypes
+
+    import torch
+
+    from streammerge.engines.cuda import _cudart_ctypes
+
+    torch.zeros(1, device="cuda")  # the runtime and its library are loaded
+    lib = _cudart_ctypes()
+    if lib is None:
+        return {"error": "libcudart not found in /proc/self/maps"}
+    out = {}
+    for name, attr in (("supported", _ATTR_HOST_REGISTER), ("read_only_supported", _ATTR_HOST_REGISTER_READ_ONLY)):
+        value = ctypes.c_int(-1)
+        err = lib.cudaDeviceGetAttribute(ctypes.byref(value), ctypes.c_int(attr), ctypes.c_int(0))
+        out[name] = value.value if err == 0 else f"error {err}"
+    return out
+
+
 def step_pytest(state: dict) -> dict:
     argv = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider"]
+    # One module failing to import under the image's package versions must not cancel the others.
+    argv += ["--continue-on-collection-errors"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        argv += [f"--timeout={PER_TEST_TIMEOUT_S}"]
     argv += ["--basetemp", str(Path(state["workdir"]) / "pytest"), str(machine.REPO_ROOT / "tests")]
+    # The log is written as pytest runs (and lands in $OUT when set), so a step killed on its timeout still shows
+    # which tests had passed and which one hung.
+    log_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(state["workdir"])
+    log_path = log_dir / "pytest-cuda.log"
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, cwd=machine.REPO_ROOT, capture_output=True, text=True)
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    timeout = max(10.0, float(state.get("step_timeout", 600)) - 10)
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(argv, cwd=machine.REPO_ROOT, stdout=logf, stderr=subprocess.STDOUT)
+        try:
+            rc: int | str = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = f"killed after {timeout:.0f} s"
+    lines = log_path.read_text(errors="replace").strip().splitlines()
     for line in lines[-60:]:
         print(line, flush=True)
-    summary = next((line for line in reversed(lines) if " passed" in line or " failed" in line), lines[-1:])
-    return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, "summary": summary, "tail": lines[-80:]}
+    outcome = re.compile(r"\d+ (passed|failed|skipped|deselected|errors?)\b")
+    summary = next((line for line in reversed(lines) if outcome.search(line)), None)
+    res = {"returncode": rc, "seconds": time.perf_counter() - t0, "summary": summary or str(rc), "log": str(log_path)}
+    res["tail"] = lines[-80:]
+    if isinstance(rc, str):
+        res["error"] = f"pytest {rc}"
+    return res
 
 
 def step_generate(state: dict) -> dict:
@@ -259,8 +317,13 @@ def step_pipeline(state: dict) -> dict:
     if not cuda and state["size"] != "tiny":
         res["note"] = "no CUDA GPU: only the CPU engine ran (the simulated device is for tiny sizes)"
         return res
-    # Warm-up: compiles the kernels and creates the CUDA context outside the timed runs.
-    _run_merge(trio, null, engine=_cuda_engine(chunk_bytes=cfg["chunks"][0]), sink="null")
+    save_partial(res)
+    # Warm-up: compiles the kernels and creates the CUDA context outside the timed runs. A failure is recorded and
+    # every variant still runs (the staging one avoids registration altogether).
+    try:
+        _run_merge(trio, null, engine=_cuda_engine(chunk_bytes=cfg["chunks"][0]), sink="null")
+    except Exception as e:  # noqa: BLE001 - recorded
+        res["warmup_error"] = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}
     for name, chunk, register in plans:
         for profile in (False, True):
             key = name + ("+profile" if profile else "")
@@ -274,6 +337,7 @@ def step_pipeline(state: dict) -> dict:
                 res["runs"][key] = r
             except Exception as e:  # noqa: BLE001 - recorded, the next variant still runs
                 res["runs"][key] = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}
+            save_partial(res)
     return res
 
 
@@ -287,6 +351,7 @@ def step_e2e(state: dict) -> dict:
     res: dict = {"cuda": _cuda()}
     log("I/O floor: read every input, write + fsync the output's bytes")
     res["floor"] = workers.floor(gen["files"], str(work / "floor.bin"), gen["bytes_out"])
+    save_partial(res)
     for name in ("cpu", "cuda"):
         out = work / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
@@ -306,6 +371,7 @@ def step_e2e(state: dict) -> dict:
             res[name] = r
         except Exception as e:  # noqa: BLE001
             res[name] = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}
+        save_partial(res)
     cpu, gpu = res.get("cpu", {}), res.get("cuda", {})
     if "files_sha256" in cpu and "files_sha256" in gpu:
         res["bytes_equal"] = cpu["files_sha256"] == gpu["files_sha256"] == gpu["shard_sha256"]
@@ -334,6 +400,7 @@ def step_sweep(state: dict) -> dict:
     t0 = time.perf_counter()
     cpu_combine = streammerge.combine(spec, null, device="cpu", sink="null-sha256")
     res["combine_cpu_s"] = time.perf_counter() - t0
+    save_partial(res)
     original = _with_engine(_cuda_engine(chunk_bytes=cfg["chunks"][-1], window_bytes=cfg["window"]))
     try:
         t0 = time.perf_counter()
@@ -403,6 +470,7 @@ def step_kernel(state: dict) -> dict:
         log(f"kernel {name}: {moved / ms_k / 1e6:.0f} GB/s, device copy {moved / ms_c / 1e6:.0f} GB/s")
         del t, s, g, out, src, dst
         torch.cuda.empty_cache()
+        save_partial(res)
     # Block size / warps sweep of the same kernel (bf16 -> bf16).
     t, s, g = (torch.randn(n, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(3))
     out = torch.empty(n, device=dev, dtype=torch.bfloat16)
@@ -420,8 +488,9 @@ def step_kernel(state: dict) -> dict:
         except Exception as e:  # noqa: BLE001
             sweep[f"{block}/{warps}"] = {"error": repr(e)}
     res["block_sweep"] = sweep
-    del t, s, g, out, bits
+    del t, s, g, out, bits, launch  # the closures hold the inputs too
     torch.cuda.empty_cache()
+    save_partial(res)
     res["transfers"] = _transfers(state, dev, np)
     return res
 
@@ -456,11 +525,14 @@ def _transfers(state: dict, dev, np) -> dict:
 
     res["pinned_h2d_gbps"] = nbytes / timed_copy(devbuf, host) / 1e6
     res["pinned_d2h_gbps"] = nbytes / timed_copy(host, devbuf) / 1e6
-    files = sorted((state["steps"].get("generate") or {}).get("files", []), key=lambda f: -Path(f).stat().st_size)
-    if not files:
-        return res
-    path = files[0]
-    size = Path(path).stat().st_size
+    # A file of the same size in the page cache, for H2D straight from a registered read-only mapping (this step runs
+    # before the trio is generated).
+    path = Path(state["workdir"]) / "h2d-probe.bin"
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(-(-nbytes // len(block))):
+            f.write(block)
+    size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
     try:
         m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -499,6 +571,7 @@ def _transfers(state: dict, dev, np) -> dict:
     finally:
         del view
         m.close()
+        path.unlink(missing_ok=True)
     return res
 
 
@@ -580,29 +653,47 @@ def step_mergekit(state: dict) -> dict:
 STEPS = {
     "env": step_env,
     "pytest": step_pytest,
+    "kernel": step_kernel,
     "generate": step_generate,
     "pipeline": step_pipeline,
     "e2e": step_e2e,
     "sweep": step_sweep,
-    "kernel": step_kernel,
     "sparse70b": step_sparse70b,
     "mergekit": step_mergekit,
 }
 
 
+_PARTIAL: list[Path] = []  # the running step's result file (child side)
+
+
+def save_partial(result: dict) -> None:
+    """Write what a step has measured so far: if it is killed on its timeout, the parent keeps these figures."""
+    if _PARTIAL:
+        _write_json(_PARTIAL[0], {**result, "partial": True})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def _child(step: str, state_path: Path, result_path: Path) -> int:
     state = json.loads(state_path.read_text())
+    _PARTIAL.append(result_path)
     try:
         result = STEPS[step](state)
     except Exception as e:  # noqa: BLE001 - everything is recorded, nothing is lost
         result = {"error": repr(e), "traceback": traceback.format_exc()[-4000:]}
-    result_path.write_text(json.dumps(result, indent=1, default=str))
+        if result_path.exists():  # keep the parts that completed
+            result = {**json.loads(result_path.read_text()), **result}
+    _write_json(result_path, result)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
 def _run_step(step: str, state: dict, state_path: Path, timeout: float) -> dict:
-    state_path.write_text(json.dumps(state, default=str))
+    state_path.write_text(json.dumps({**state, "step_timeout": timeout}, default=str))
     result_path = state_path.parent / f"step-{step}.json"
     result_path.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "benchmarks.gpu_check", "--step", step, "--state", str(state_path)]
@@ -614,13 +705,23 @@ def _run_step(step: str, state: dict, state_path: Path, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return {"error": f"timed out after {timeout:.0f} s", "seconds": time.perf_counter() - t0}
+        partial = _read_json(result_path)
+        return {**partial, "error": f"timed out after {timeout:.0f} s", "seconds": time.perf_counter() - t0}
     if not result_path.exists():
         return {"error": f"step process exited with {rc} without a result", "seconds": time.perf_counter() - t0}
-    result = json.loads(result_path.read_text())
+    result = _read_json(result_path)
+    if result.get("partial"):
+        result["error"] = f"step process exited with {rc} before it finished"
     result.setdefault("seconds", time.perf_counter() - t0)
     result["step_seconds"] = time.perf_counter() - t0
     return result
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _fmt_gbps(x) -> str:
@@ -635,6 +736,9 @@ def summarize(results: dict) -> tuple[dict, list[str]]:
     env = st.get("env", {})
     card = (env.get("device_properties") or {}).get("name") or (env.get("gpu") or {}).get("why", "?")
     rows.append(f"card: {card}; size: {results['size']}; total {results.get('total_s', 0):.0f} s")
+    hr = env.get("host_register")
+    if hr:
+        rows.append(f"cudaHostRegister supported: {hr.get('supported')}, ReadOnly: {hr.get('read_only_supported')}")
     py = st.get("pytest", {})
     rows.append(f"pytest -m cuda: {py.get('summary') or py.get('error', 'not run')}")
     gen = st.get("generate", {})
@@ -657,6 +761,7 @@ def summarize(results: dict) -> tuple[dict, list[str]]:
             rows.append(
                 f"  {name:32s} {r['gbps_moved']:9.1f}  {r['wall_s']:6.2f}  {str(r.get('bytes_equal_cpu', '-')):5s}"
                 f"  {r.get('peak_gpu_memory', 0) / 2**20:10.0f}   {busy:19s}  {ss.get('gpu_overlap', 0):.2f}"
+                + ("  (registration refused: staged)" if any("refused" in w for w in r.get("warnings", [])) else "")
             )
         cuda_runs = [r for k, r in pipe.items() if k.startswith("cuda") and "gbps_moved" in r]
         best = max(cuda_runs, default=None, key=lambda r: r["gbps_moved"])
@@ -745,7 +850,10 @@ def ensure_importable() -> dict:
     check = [sys.executable, "-c", "import streammerge.kernels"]
 
     def importable() -> bool:
-        return subprocess.run(check, cwd=machine.REPO_ROOT, capture_output=True, timeout=120).returncode == 0
+        try:
+            return subprocess.run(check, cwd=machine.REPO_ROOT, capture_output=True, timeout=120).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     if importable():
         return {"install": "already importable"}
@@ -804,23 +912,30 @@ def main(argv: list[str] | None = None) -> int:
         results["steps"][step] = _run_step(step, state, state_path, timeout)
         r = results["steps"][step]
         log(f"{step}: {'ERROR ' + r['error'][:200] if 'error' in r else 'done'} in {r.get('step_seconds', 0):.1f} s")
+        results["total_s"] = time.perf_counter() - t_start
+        _save_results(results, args.out, stamp, final=False)
     results["total_s"] = time.perf_counter() - t_start
     summary, rows = summarize(results)
     results["summary"] = summary
-    text = json.dumps(results, indent=1, default=str)
+    paths = _save_results(results, args.out, stamp, final=True)
+    print("\n".join(["", "=" * 100, *rows, f"results: {', '.join(paths)}", "=" * 100]), flush=True)
+    return 0
+
+
+def _save_results(results: dict, out: Path, stamp: str, final: bool) -> list[str]:
+    """The results JSON in ``out`` and in ``$OUT`` (the device tool's folder): rewritten after every step."""
     paths = []
-    for directory in (args.out, Path(os.environ["OUT"]) if os.environ.get("OUT") else None):
+    for directory in (out, Path(os.environ["OUT"]) if os.environ.get("OUT") else None):
         if directory is None:
             continue
         try:
             directory.mkdir(parents=True, exist_ok=True)
             p = directory / f"gpu_check-{stamp}.json"
-            p.write_text(text)
+            _write_json(p, {**results, "complete": final})
             paths.append(str(p))
         except OSError as e:
             log(f"could not write results to {directory}: {e}")
-    print("\n".join(["", "=" * 100, *rows, f"results: {', '.join(paths)}", "=" * 100]), flush=True)
-    return 0
+    return paths
 
 
 if __name__ == "__main__":

@@ -190,3 +190,24 @@ def test_gpu_check_runs_the_peer_from_carried_wheels(tmp_path, monkeypatch):
     done = subprocess.run([*cmd, "cfg.yml", str(tmp_path / "marker"), "--cuda"], env={**os.environ, **env})
     assert done.returncode == 0
     assert (tmp_path / "marker").read_text() == "carried --cuda"
+
+
+def test_gpu_check_keeps_the_parts_of_a_step_that_failed(tmp_path, monkeypatch):
+    """A step that dies half way keeps what it measured: each part is saved as it completes (a step killed on its
+    timeout is read back the same way), so one hang on the lent GPU does not lose the figures before it."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from benchmarks import gpu_check
+
+    def step(state):
+        res = {"first": 1.5}
+        gpu_check.save_partial(res)
+        raise RuntimeError("the driver went away")
+
+    monkeypatch.setitem(gpu_check.STEPS, "fake", step)
+    monkeypatch.setattr(gpu_check, "_PARTIAL", [])
+    state, result = tmp_path / "state.json", tmp_path / "step-fake.json"
+    state.write_text(json.dumps({"workdir": str(tmp_path), "steps": {}}))
+    assert gpu_check._child("fake", state, result) == 0
+    got = json.loads(result.read_text())
+    assert got["first"] == 1.5 and "the driver went away" in got["error"]
+    assert gpu_check._read_json(tmp_path / "missing.json") == {}
