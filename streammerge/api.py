@@ -738,9 +738,9 @@ def apply_sweep(
         _close(opened)
 
 
-def _apply_plan(target, vector, values: list[float], opts: MergeOptions, any_vector: bool):
+def _apply_plan(target, vector, values: list[float], opts: MergeOptions, any_vector: bool, sources=None):
     """The plan of ``target + alpha * vector`` (a sweep plan for several alphas), the engine's checkpoints and the
-    opened ones to close."""
+    opened ones to close. ``sources``: what the headers record as the inputs (verify passes the manifest's)."""
     opened = _open_all(target, vector, vector)
     try:
         vec = opened["grpo"]
@@ -750,7 +750,7 @@ def _apply_plan(target, vector, values: list[float], opts: MergeOptions, any_vec
                 "streammerge_formula 'grpo - sft'); applying a whole model would add its weights. Pass --any-vector "
                 "if it really is a difference of two checkpoints"
             )
-        sources = {"target": opened["target"].source, "sft": "-", "grpo": opened["grpo"].source}
+        sources = sources or {"target": opened["target"].source, "sft": "-", "grpo": opened["grpo"].source}
         plans = [
             build_plan(
                 opened["target"], opened["sft"], opened["grpo"], _with_alpha(opts, a), sources=sources, kind="apply"

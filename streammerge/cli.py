@@ -834,6 +834,9 @@ def verify(
     target: Annotated[str | None, typer.Option("--target", help="Target checkpoint, to recompute chunks.")] = None,
     sft: Annotated[str | None, typer.Option("--sft", help="SFT checkpoint, to recompute chunks.")] = None,
     grpo: Annotated[str | None, typer.Option("--grpo", help="GRPO checkpoint, to recompute chunks.")] = None,
+    vector: Annotated[
+        str | None, typer.Option("--vector", help="For an apply output: the vector (with --target), to recompute.")
+    ] = None,
     spec: Annotated[str | None, typer.Option("--spec", help="For a combine output: its spec, to recompute.")] = None,
     full: Annotated[bool, typer.Option("--full", help="Recompute every chunk (reads all inputs).")] = False,
     sample: Annotated[int, typer.Option("--sample", help="Chunks to recompute without --full.")] = 64,
@@ -848,6 +851,10 @@ def verify(
       streammerge verify merged/ --target t/ --sft s/ --grpo g/ --full
 
       streammerge verify combined/ --spec spec.toml --sample 256
+
+      streammerge verify applied/ --target t/ --vector v/        # an apply output
+
+      streammerge verify vector/ --sft s/ --grpo g/              # an extract output
     """
 
     def body():
@@ -855,7 +862,7 @@ def verify(
 
         from .verify import verify as verify_fn
 
-        r = verify_fn(out, target, sft, grpo, spec=spec, full=full, sample=sample)
+        r = verify_fn(out, target, sft, grpo, vector=vector, spec=spec, full=full, sample=sample)
         if as_json:
             print(json.dumps(asdict(r), indent=2))
         if not r.ok:

@@ -41,6 +41,7 @@ def verify(
     sft: str | os.PathLike | None = None,
     grpo: str | os.PathLike | None = None,
     *,
+    vector: str | os.PathLike | None = None,
     spec=None,
     full: bool = False,
     sample: int = 64,
@@ -49,14 +50,16 @@ def verify(
     """Check a merge output.
 
     Always: the manifest says the merge completed; every weight file exists with its recorded size and SHA-256; the
-    headers parse; index, files and headers agree. With ``target``, ``sft`` and ``grpo``: the layout equals the one
-    those inputs and the recorded options produce, and ``sample`` random chunks (all of them with ``full=True``)
-    are recomputed on the CPU and compared byte for byte.
+    headers parse; index, files and headers agree. Given the inputs the output was made from, the layout equals the
+    one those inputs and the recorded options produce, and ``sample`` random chunks (all of them with ``full=True``)
+    are recomputed on the CPU and compared byte for byte. Which inputs, by what made the output (its manifest says):
+    merge: ``target``, ``sft``, ``grpo``; apply: ``target``, ``vector``; extract: ``sft``, ``grpo``; combine:
+    ``spec``.
 
     Args:
         out (`str | os.PathLike`): the output directory.
-        target, sft, grpo (`str | os.PathLike`, *optional*): the inputs, all three or none.
-        spec (*optional*): for an output of `combine`, its spec (file, mapping or `Spec`) instead of the three.
+        target, sft, grpo, vector (`str | os.PathLike`, *optional*): the inputs (see above), or none.
+        spec (*optional*): for an output of `combine`, its spec (file, mapping or `Spec`).
         full (`bool`): recompute every chunk.
         sample (`int`): chunks to recompute when not ``full``.
         seed (`int`): which chunks are sampled.
@@ -68,11 +71,9 @@ def verify(
     report = VerifyReport(str(out_dir))
     if sample < 0:
         raise StreamMergeError(f"verify: --sample must be 0 or more, got {sample}")
-    given = [x is not None for x in (target, sft, grpo)]
-    if any(given) and not all(given):
-        raise StreamMergeError("verify: give all of --target, --sft and --grpo, or none")
-    if spec is not None and any(given):
-        raise StreamMergeError("verify: give --spec (a combine output) or --target/--sft/--grpo, not both")
+    given = {k for k, v in (("target", target), ("sft", sft), ("grpo", grpo), ("vector", vector)) if v is not None}
+    if spec is not None and given:
+        raise StreamMergeError("verify: give --spec (a combine output) or the input checkpoints, not both")
     if not out_dir.is_dir():
         raise StreamMergeError(f"{out_dir}: not a directory")
     manifest = read_manifest(out_dir)
@@ -84,6 +85,9 @@ def verify(
                 + (" ..." if len(swept) > 6 else "")
             )
         raise StreamMergeError(f"{out_dir}: no streammerge manifest (.streammerge.json); not a streammerge output")
+    kind = manifest.get("options", {}).get("kind", "merge")
+    if given or spec is not None:
+        _check_inputs_for(out_dir, kind, given, spec is not None)
     if manifest.get("state") != STATE_COMPLETE:
         report.fail(
             f"{out_dir}: the merge did not complete (state {manifest.get('state')!r}); run it again with --resume"
@@ -119,17 +123,42 @@ def verify(
     if on_disk != set(shards):
         report.fail(f"{out_dir}: weight files {sorted(on_disk)} differ from the manifest's {sorted(shards)}")
         return report
-    if all(given) or spec is not None:
-        _recompute(out_dir, manifest, target, sft, grpo, full, sample, seed, report, spec)
+    if given or spec is not None:
+        _recompute(
+            out_dir,
+            manifest,
+            {"target": target, "sft": sft, "grpo": grpo, "vector": vector},
+            full,
+            sample,
+            seed,
+            report,
+            spec,
+        )
     return report
+
+
+# What recomputes each kind of output (the manifest's options.kind), and how the CLI names it.
+_INPUTS_FOR = {
+    "merge": ({"target", "sft", "grpo"}, "--target, --sft and --grpo"),
+    "apply": ({"target", "vector"}, "--target and --vector"),
+    "vector": ({"sft", "grpo"}, "--sft and --grpo"),
+    "combine": (set(), "--spec"),
+}
+
+
+def _check_inputs_for(out_dir: Path, kind: str, given: set[str], has_spec: bool) -> None:
+    want, how = _INPUTS_FOR.get(kind, (None, None))
+    what = {"vector": "an extract", "apply": "an apply", "combine": "a combine"}.get(kind, f"a {kind}")
+    if want is None:
+        raise StreamMergeError(f"{out_dir}: an output of kind {kind!r}, which this version cannot recompute")
+    if (kind == "combine") != has_spec or (kind != "combine" and given != want):
+        raise StreamMergeError(f"{out_dir}: {what} output; to recompute it give {how}")
 
 
 def _recompute(
     out_dir: Path,
     manifest: dict,
-    target,
-    sft,
-    grpo,
+    inputs: dict,
     full: bool,
     sample: int,
     seed: int,
@@ -143,15 +172,6 @@ def _recompute(
 
     o = manifest.get("options", {})
     kind = o.get("kind", "merge")
-    if spec is not None and kind != "combine":
-        raise StreamMergeError(f"{out_dir}: a {kind} output, not one of combine: verify it with --target/--sft/--grpo")
-    if spec is None and kind != "merge":
-        if kind == "combine":
-            raise StreamMergeError(f"{out_dir}: an output of combine: give its spec with --spec to recompute")
-        raise StreamMergeError(
-            f"{out_dir}: a {o.get('kind')} output; recomputation against --target/--sft/--grpo applies to merges only "
-            "(structure and checksums were checked)"
-        )
     opts = MergeOptions.create(
         rules=tuple(Rule.parse(r) for r in o.get("rules", [])),
         vocab_mismatch=o.get("vocab_mismatch", "error"),
@@ -167,16 +187,31 @@ def _recompute(
         chunk_bytes="4MiB",
     )
     outs: dict[int, Checkpoint] = {}
+    opened = {}
     if spec is not None:
         from .api import _spec_plan
         from .spec import load_spec
 
         plan, ckpts = _spec_plan(load_spec(spec), opts)
+        opened = ckpts
+    elif kind == "apply":
+        from .api import _apply_plan
+
+        # The vector is the one given: any difference from the one used shows as a layout or byte mismatch.
+        plan, ckpts, opened = _apply_plan(
+            inputs["target"], inputs["vector"], [opts.alpha], opts, any_vector=True, sources=manifest.get("sources")
+        )
+    elif kind == "vector":
+        # extract: v = grpo - sft, laid out as grpo (the engine's roles: target = grpo).
+        opened = _open_all(inputs["sft"], inputs["grpo"], inputs["grpo"])
+        ckpts = {"target": opened["grpo"], "sft": opened["target"], "grpo": opened["grpo"]}
     else:
-        ckpts = _open_all(target, sft, grpo)
+        opened = ckpts = _open_all(inputs["target"], inputs["sft"], inputs["grpo"])
     try:
-        if spec is None:
-            plan = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts, sources=manifest.get("sources"))
+        if spec is None and kind != "apply":
+            plan = build_plan(
+                ckpts["target"], ckpts["sft"], ckpts["grpo"], opts, sources=manifest.get("sources"), kind=kind
+            )
         for i, f in enumerate(plan.files):
             path = out_dir / f.name
             if not path.is_file():
@@ -228,5 +263,5 @@ def _recompute(
                 )
                 return
     finally:
-        for c in (*ckpts.values(), *outs.values()):
+        for c in {id(c): c for c in (*opened.values(), *outs.values()) if c is not None}.values():
             c.close()

@@ -444,7 +444,7 @@ def test_verify_recomputes_a_combine_output_from_its_spec(five, tmp_path) -> Non
     other = _spec(five, a2=-0.25)
     rep = streammerge.verify(tmp_path / "c", spec=other, full=True)
     assert not rep.ok and "header" in rep.problems[0]
-    with pytest.raises(streammerge.StreamMergeError, match="give its spec with --spec"):
+    with pytest.raises(streammerge.StreamMergeError, match="a combine output; to recompute it give --spec"):
         streammerge.verify(tmp_path / "c", five["t"], five["s1"], five["g1"])
     # flip one element of the output: found and named
     f = sorted((tmp_path / "c").glob("model-*.safetensors"))[-1]

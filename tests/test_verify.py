@@ -87,8 +87,61 @@ def test_verify_incomplete_and_missing(merged):
 
 
 def test_verify_needs_all_three_inputs(small_trio, merged):
-    with pytest.raises(streammerge.StreamMergeError, match="all of"):
+    with pytest.raises(streammerge.StreamMergeError, match="a merge output; to recompute it give --target, --sft and"):
         streammerge.verify(merged, small_trio[0])
+
+
+def _forge(out, name: str) -> None:
+    """Flip a byte of tensor ``name`` and record the new checksum: only recomputation can tell."""
+    from streammerge.checkpoint import Checkpoint
+    from streammerge.writer import sha256_file
+
+    with Checkpoint(out) as ck:
+        ref = ck.tensors[name]
+        path = ck.files[ref.file]
+    data = bytearray(path.read_bytes())
+    data[ref.offset + 6] ^= 0x02
+    path.write_bytes(bytes(data))
+    m = json.loads((out / ".streammerge.json").read_text())
+    m["shards"][path.name]["sha256"] = sha256_file(path)
+    (out / ".streammerge.json").write_text(json.dumps(m))
+
+
+def test_verify_recomputes_extract_and_apply_outputs(small_trio, tmp_path):
+    """An extract output from --sft/--grpo and an apply output from --target/--vector, recomputed byte for byte;
+    a forged byte is found and named; the wrong inputs for the kind are refused with what to give."""
+    t, s, g = small_trio
+    vec, applied = tmp_path / "vec", tmp_path / "applied"
+    kw = {"device": "cpu", "max_shard_size": 20_000, "chunk_bytes": 4096}
+    streammerge.extract(s, g, vec, **kw)
+    streammerge.apply(t, vec, applied, alpha=-0.5, **kw)
+    r = streammerge.verify(vec, sft=s, grpo=g, full=True)
+    assert r.ok and r.chunks_checked == r.chunks_total > 0, r.problems
+    r = streammerge.verify(applied, target=t, vector=vec, full=True)
+    assert r.ok and r.chunks_checked == r.chunks_total > 0, r.problems
+    cli = runner.invoke(app, ["verify", str(applied), "--target", str(t), "--vector", str(vec), "--full"])
+    assert cli.exit_code == 0 and cli.output.startswith("OK:"), cli.output
+    # Wrong inputs for the kind: one line saying which to give.
+    with pytest.raises(
+        streammerge.StreamMergeError, match="an apply output; to recompute it give --target and --vector"
+    ):
+        streammerge.verify(applied, t, s, g)
+    with pytest.raises(streammerge.StreamMergeError, match="an extract output; to recompute it give --sft and --grpo"):
+        streammerge.verify(vec, target=t, vector=vec)
+    cli = runner.invoke(app, ["verify", str(vec), "--target", str(t), "--sft", str(s), "--grpo", str(g)])
+    assert cli.exit_code == 1 and "give --sft and --grpo" in cli.output and "Traceback" not in cli.output
+    # Recomputing against another vector (the sft/grpo roles swapped: -v) finds the difference.
+    other = tmp_path / "neg"
+    streammerge.extract(g, s, other, **kw)
+    r = streammerge.verify(applied, target=t, vector=other, full=True)
+    assert not r.ok
+    # A forged byte (checksum rewritten) in each output is found by recomputation and named.
+    name = "model.layers.0.mlp.up_proj.weight"
+    for out, inputs in ((applied, {"target": t, "vector": vec}), (vec, {"sft": s, "grpo": g})):
+        _forge(out, name)
+        assert streammerge.verify(out).ok
+        r = streammerge.verify(out, **inputs, full=True)
+        assert not r.ok and name in r.problems[0], (out, r.problems)
 
 
 def test_check_finite_and_strict(tmp_path):
