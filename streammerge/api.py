@@ -769,9 +769,8 @@ class InputGuard:
 
     A checkpoint rewritten in place during a merge (a download or a save still running) would give an output that
     mixes old and new bytes. The writer calls :meth:`check` before it gives an output file its final name, after
-    every read that file's bytes came from, so such a file is never published. (A file truncated under the read
-    can still end the process with SIGBUS, like any mmap reader; the output is then left incomplete, never
-    complete-looking.)"""
+    every read that file's bytes came from, so such a file is never published. (A file that shrinks is caught
+    sooner, by the size check before every read in `Checkpoint.view`.)"""
 
     def __init__(self, ckpts: dict[str, Checkpoint | None]):
         self._stats: dict[Path, tuple[int, int, int, int]] = {}

@@ -286,12 +286,7 @@ class Checkpoint:
             # O_NONBLOCK: a shard swapped for a FIFO since its header was read must not hang the open.
             fd = os.open(self.files[i], os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             try:
-                size = os.fstat(fd).st_size
-                expected = self.headers[i].data_start + self.headers[i].data_size
-                if size != expected:
-                    raise CheckpointError(
-                        f"{self._who()}{self.files[i]}: file changed while merging ({size} bytes, expected {expected})"
-                    )
+                self._check_size(i, fd)
                 m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except BaseException:
                 os.close(fd)
@@ -299,6 +294,17 @@ class Checkpoint:
             self._fds[i] = fd
             self._maps[i] = m
         return m
+
+    def _check_size(self, i: int, fd: int) -> None:
+        """Raise if file ``i`` no longer has the size its header promised: reading a mapping past a shrunken file's
+        end kills the process with SIGBUS, so every read checks first (an ``fstat``, about a microsecond)."""
+        size = os.fstat(fd).st_size
+        expected = self.headers[i].data_start + self.headers[i].data_size
+        if size != expected:
+            raise CheckpointError(
+                f"{self._who()}{self.files[i]}: file changed while merging ({size} bytes, expected {expected}); "
+                "wait until it is complete and stable, then run again"
+            )
 
     def fd(self, i: int) -> int:
         self._map(i)
@@ -311,6 +317,7 @@ class Checkpoint:
         if stop == start:
             return torch.empty(0, dtype=dtype)
         m = self._map(ref.file)
+        self._check_size(ref.file, self._fds[ref.file])  # type: ignore[arg-type]
         return torch.frombuffer(m, dtype=dtype, count=(stop - start) // _itemsize(dtype), offset=ref.offset + start)
 
     # Set by the merge when the inputs cannot stay in the page cache anyway (larger than half the available

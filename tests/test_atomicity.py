@@ -232,3 +232,46 @@ def test_input_changed_during_the_merge_is_never_published(trio, tmp_path, chang
     r = subprocess.run(_cmd(copies, out, "--resume"), capture_output=True, text=True)
     why = "cannot resume" if change == "rewrite" else "trailing bytes"
     assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr
+
+
+_TRUNCATE_MID_MERGE = """
+import os, sys
+from pathlib import Path
+import streammerge
+
+t, s, g, out, victim = sys.argv[1:6]
+done = []
+
+def progress(event):
+    if not done:
+        done.append(1)
+        os.truncate(victim, os.path.getsize(victim) // 2)  # a save of this checkpoint restarted
+
+try:
+    streammerge.merge(t, s, g, out, device="cpu", max_shard_size="5MB", chunk_bytes=65536, threads=1,
+                      progress=progress)
+except streammerge.CheckpointError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_input_truncated_during_the_merge_is_an_error_not_sigbus(trio, tmp_path):
+    """Reading a mapping past a shrunken file's end would kill the process with SIGBUS: every read checks the file's
+    size first, so a checkpoint truncated mid-merge is a clear error naming it, and nothing looks complete."""
+    import shutil
+
+    dirs, _ = trio
+    copies = [Path(shutil.copytree(d, tmp_path / d.name)) for d in dirs]
+    victim = sorted(copies[1].glob("*.safetensors"))[-1]  # read last: the compute thread is far from it
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-c", _TRUNCATE_MID_MERGE, *map(str, copies), str(out), str(victim)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 3, (r.returncode, r.stdout, r.stderr[-2000:])
+    # Whichever check sees it first: the size check before a read, or the input check before a shard is published.
+    assert f"{victim}: file changed while merging" in r.stdout or f"{victim}: input changed while merging" in r.stdout
+    assert "model.safetensors.index.json" not in _visible(out)

@@ -126,3 +126,14 @@ def test_bad_index_json(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": []}))
     with pytest.raises(CheckpointError, match="weight_map"):
         Checkpoint(d)
+
+
+def test_a_file_shrunk_under_an_open_mapping_is_an_error_before_any_read(tmp_path):
+    """Touching a mapping past a shrunken file's end is SIGBUS; every view checks the file's size first."""
+    write_checkpoint(tmp_path / "m", {"a": torch.arange(4096, dtype=torch.float32)})
+    with Checkpoint(tmp_path / "m", label="sft") as ck:
+        ref = ck.tensors["a"]
+        assert ck.view(ref, 0, 16).tolist()[4:8] == [0, 0, 128, 63]  # element 1: 1.0f, little endian
+        os.truncate(ck.files[0], ck.files[0].stat().st_size - 4096)
+        with pytest.raises(CheckpointError, match=r"sft checkpoint: .*model.safetensors: file changed while merging"):
+            ck.view(ref, ref.nbytes - 16, ref.nbytes)
