@@ -386,14 +386,22 @@ _PTX_CHECK = textwrap.dedent(
             ttir = kernel.asm["ttir"]
             pid = re.search(r"(%\S+) = tt\.get_program_id x : i32", ttir)
             assert pid and f"arith.extsi {pid.group(1)} : i32 to i64" in ttir, (code, ins, "program id not int64")
+            # What the launch specializes to for 16-byte-aligned buffers and a length divisible by 16 (every full
+            # chunk): each global load and store moves 16 bytes, as a memory-bound kernel needs to reach copy speed.
+            aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5)}
+            src = ASTSource(tm._merge_kernel, sig, constexprs={"OUT_CODE": code, "BLOCK": tm.BLOCK_SIZE}, attrs=aligned)
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": tm.NUM_WARPS, "enable_fp_fusion": False})
+            moves = set(re.findall(r"\b(?:ld|st)\.global[.a-z0-9]*", kernel.asm["ptx"]))
+            assert moves == {"ld.global.v4.b32", "st.global.v4.b32"}, (code, ins, sorted(moves))
     print("OK")
     """
 )
 
 
 def test_compiled_ptx_has_no_fma_and_no_ftz() -> None:
-    """Compile for sm_90 without a GPU (triton ships ptxas) and read the PTX: separate IEEE add/mul, no FMA, no FTZ;
-    and the TTIR: the program id is widened to int64.
+    """Compile for sm_90 without a GPU (triton ships ptxas) and read the PTX: separate IEEE add/mul, no FMA, no FTZ,
+    16-byte loads and stores for aligned chunks; and the TTIR: the program id is widened to int64.
 
     Runs in a subprocess without TRITON_INTERPRET, so the kernel is decorated for compilation. This pins the part of
     the contract the interpreter cannot show: with enable_fp_fusion=True the same kernel compiles to fma.rn.f32.
