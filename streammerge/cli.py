@@ -344,39 +344,47 @@ def merge(
     _run(body)
 
 
-def _merge_body(run, opts, quiet: bool, as_json: bool) -> None:
-    """Call ``run(progress=...)`` with a progress bar on a terminal, then print its report(s)."""
+def _with_progress(run, quiet: bool, label: str = "merging"):
+    """``run(progress=...)`` under a progress bar on stderr when it is a terminal (and not ``quiet``), else
+    ``run()``. A phase other than the merge's ("hash", "recompute") shows as the bar's label."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    show_bar = console.is_terminal and not quiet and not as_json
-    if show_bar:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+    if not console.is_terminal or quiet:
+        return run()
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
-        with Progress(
-            TextColumn("[bold]merging"),
-            BarColumn(),
-            DownloadColumn(binary_units=False),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("merge", total=None)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=False),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+        phase = ["merge"]
 
-            def on_progress(ev):
-                bar.update(task, completed=ev.bytes_done, total=ev.bytes_total)
+        def on_progress(ev):
+            if ev.phase != phase[0]:  # a new phase restarts the bar, so its speed and ETA are its own
+                phase[0] = ev.phase
+                bar.reset(task, description="hashing" if ev.phase == "hash" else "recomputing")
+            bar.update(task, completed=ev.bytes_done, total=ev.bytes_total)
 
-            result = run(progress=on_progress)
-    else:
-        result = run()
+        return run(progress=on_progress)
+
+
+def _merge_body(run, opts, quiet: bool, as_json: bool) -> None:
+    """Call ``run(progress=...)`` with a progress bar on a terminal, then print its report(s)."""
+    result = _with_progress(run, quiet or as_json)
     if isinstance(result, list):
         if as_json:
             print(json.dumps([r.to_dict() for r in result], indent=2))
@@ -840,6 +848,7 @@ def verify(
     spec: Annotated[str | None, typer.Option("--spec", help="For a combine output: its spec, to recompute.")] = None,
     full: Annotated[bool, typer.Option("--full", help="Recompute every chunk (reads all inputs).")] = False,
     sample: Annotated[int, typer.Option("--sample", help="Chunks to recompute without --full.")] = 64,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only errors and the summary.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Check an output: structure (index, files, headers), recorded SHA-256s, and recomputed bytes given the inputs.
@@ -862,7 +871,12 @@ def verify(
 
         from .verify import verify as verify_fn
 
-        r = verify_fn(out, target, sft, grpo, vector=vector, spec=spec, full=full, sample=sample)
+        def run(progress=None):
+            return verify_fn(
+                out, target, sft, grpo, vector=vector, spec=spec, full=full, sample=sample, progress=progress
+            )
+
+        r = _with_progress(run, quiet or as_json, label="verifying")
         if as_json:
             print(json.dumps(asdict(r), indent=2))
         if not r.ok:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import torch
 
 from .api import _open_all
 from .checkpoint import Checkpoint
+from .engines import Progress
 from .errors import StreamMergeError
 from .format import DTYPE_BITS, read_header
 from .options import MergeOptions
-from .plan import build_plan
+from .plan import Op, build_plan
 from .writer import STATE_COMPLETE, read_manifest, sha256_file
 
 
@@ -46,6 +48,7 @@ def verify(
     full: bool = False,
     sample: int = 64,
     seed: int = 0,
+    progress: Callable[[Progress], None] | None = None,
 ) -> VerifyReport:
     """Check a merge output.
 
@@ -63,6 +66,8 @@ def verify(
         full (`bool`): recompute every chunk.
         sample (`int`): chunks to recompute when not ``full``.
         seed (`int`): which chunks are sampled.
+        progress (*optional*): called with a `Progress` as the work advances: phase "hash" (bytes of the output
+            files hashed), then phase "recompute" (output bytes recomputed and compared).
 
     Returns:
         [`VerifyReport`]: ``ok`` and the problems found (the first names the bad tensor and file).
@@ -93,6 +98,7 @@ def verify(
             f"{out_dir}: the merge did not complete (state {manifest.get('state')!r}); run it again with --resume"
         )
     shards = manifest.get("shards", {})
+    tick = _Ticker(progress, "hash", sum(r.get("size", 0) for r in shards.values() if isinstance(r, dict)), len(shards))
     for name, rec in shards.items():
         path = out_dir / name
         if path.is_symlink() or not path.is_file():
@@ -107,7 +113,8 @@ def verify(
         except StreamMergeError as e:
             report.fail(str(e))
             continue
-        digest = sha256_file(path)
+        digest = sha256_file(path, tick.add)
+        tick.item_done(name)
         report.bytes_hashed += size
         report.files_checked += 1
         if digest != rec.get("sha256"):
@@ -124,16 +131,8 @@ def verify(
         report.fail(f"{out_dir}: weight files {sorted(on_disk)} differ from the manifest's {sorted(shards)}")
         return report
     if given or spec is not None:
-        _recompute(
-            out_dir,
-            manifest,
-            {"target": target, "sft": sft, "grpo": grpo, "vector": vector},
-            full,
-            sample,
-            seed,
-            report,
-            spec,
-        )
+        inputs = {"target": target, "sft": sft, "grpo": grpo, "vector": vector}
+        _recompute(out_dir, manifest, inputs, full, sample, seed, report, spec, progress)
     return report
 
 
@@ -164,11 +163,11 @@ def _recompute(
     seed: int,
     report: VerifyReport,
     spec=None,
+    progress: Callable[[Progress], None] | None = None,
 ) -> None:
     from .engines import EngineStats
     from .engines.cpu import SUB_BLOCK_ELEMS, CpuEngine, iter_work
     from .options import Rule
-    from .plan import Op
 
     o = manifest.get("options", {})
     kind = o.get("kind", "merge")
@@ -226,6 +225,12 @@ def _recompute(
         report.chunks_total = total
         chosen = None if full or sample >= total else set(random.Random(seed).sample(range(total), sample))
         items = (it for k, it in enumerate(iter_work(plan)) if chosen is None or k in chosen)
+        if progress is not None:  # the work list is computed from headers: a second pass to size the bar is cheap
+            work = (it for k, it in enumerate(iter_work(plan)) if chosen is None or k in chosen)
+            picked = [_out_bytes(it) for it in work if it.tensor is not None and it.stop > it.start]
+            tick = _Ticker(progress, "recompute", sum(picked), len(picked))
+        else:
+            tick = _Ticker(None, "recompute", 0, 0)
         buf = torch.empty(opts.chunk_bytes, dtype=torch.uint8)
         sub = min(SUB_BLOCK_ELEMS, opts.chunk_elems)
         scratch = [(torch.empty(sub), torch.empty(sub), torch.empty(sub))]
@@ -246,6 +251,8 @@ def _recompute(
                 want = buf[: b - a]
             got = out_ck.view(ref, a, b)
             report.chunks_checked += 1
+            tick.add(b - a)
+            tick.item_done(t.name)
             same = torch.equal(want, got)
             del want, got
             out_ck.release(ref, a, b)  # keep resident memory flat on a --full pass over a 70B output
@@ -265,3 +272,38 @@ def _recompute(
     finally:
         for c in {id(c): c for c in (*opened.values(), *outs.values()) if c is not None}.values():
             c.close()
+
+
+def _out_bytes(item) -> int:
+    """Output bytes a work item covers (a COPY's range is in bytes, the others' in elements)."""
+    n = item.stop - item.start
+    return n if item.op is Op.COPY else n * (DTYPE_BITS[item.tensor.dtype] // 8)
+
+
+class _Ticker:
+    """Progress events for one phase of verify: at each item's end, and about every 64 MiB within one."""
+
+    def __init__(self, progress: Callable[[Progress], None] | None, phase: str, total_bytes: int, total_items: int):
+        self.progress = progress
+        self.phase = phase
+        self.total_bytes = total_bytes
+        self.total_items = total_items
+        self.done_bytes = 0
+        self.done_items = 0
+        self._last = 0
+
+    def add(self, n: int) -> None:
+        self.done_bytes += n
+        if self.progress is not None and self.done_bytes - self._last >= 64 << 20:
+            self._emit("")
+
+    def item_done(self, name: str) -> None:
+        self.done_items += 1
+        if self.progress is not None:
+            self._emit(name)
+
+    def _emit(self, name: str) -> None:
+        self._last = self.done_bytes
+        self.progress(  # type: ignore[misc]
+            Progress(self.done_bytes, self.total_bytes, self.done_items, self.total_items, name, self.phase)
+        )

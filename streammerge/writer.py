@@ -39,12 +39,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 8 MiB blocks (hashlib releases the GIL on large buffers)."""
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """SHA-256 of a file, read in 8 MiB blocks (hashlib releases the GIL on large buffers); ``on_bytes(n)`` after
+    each block, for progress."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while block := f.read(_HASH_READ):
             h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return h.hexdigest()
 
 

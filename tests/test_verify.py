@@ -164,3 +164,39 @@ def test_check_finite_and_strict(tmp_path):
     r = streammerge.merge(*dirs, tmp_path / "out2", device="cpu", check_finite=True)
     assert "ok" not in r.nonfinite
     assert torch.isnan(load_all(tmp_path / "out2")["ok"][3])
+
+
+def test_verify_reports_progress_per_phase(small_trio, merged):
+    """A --full verify of a 70B output reads hundreds of GB: progress comes as it goes, hashing then recomputing,
+    each phase ending at its total."""
+    events = []
+    r = streammerge.verify(merged, *small_trio, full=True, progress=events.append)
+    assert r.ok
+    phases = [e.phase for e in events]
+    assert phases and set(phases) == {"hash", "recompute"}
+    assert phases == sorted(phases, key=["hash", "recompute"].index)  # hashing first, then recomputing
+    for phase in ("hash", "recompute"):
+        mine = [e for e in events if e.phase == phase]
+        done = [e.bytes_done for e in mine]
+        assert done == sorted(done) and done[-1] == mine[-1].bytes_total > 0
+        assert mine[-1].tensors_done == mine[-1].tensors_total
+    assert [e for e in events if e.phase == "hash"][-1].bytes_total == r.bytes_hashed
+
+
+def test_cli_progress_bar_follows_phases(monkeypatch):
+    """The CLI's bar (shown on a terminal) relabels itself when verify moves from hashing to recomputing."""
+    import rich.console
+
+    from streammerge import cli
+    from streammerge.engines import Progress
+
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+
+    def run(progress=None):
+        assert progress is not None, "on a terminal the bar's callback is passed"
+        for phase in ("hash", "hash", "recompute"):
+            progress(Progress(5, 10, 1, 2, "w", phase))
+        return "done"
+
+    assert cli._with_progress(run, quiet=False, label="verifying") == "done"
+    assert cli._with_progress(lambda progress=None: progress, quiet=True) is None  # quiet: no bar, no callback
