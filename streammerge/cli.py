@@ -492,8 +492,10 @@ def extract(
     missing: MissingOpt = "error",
     extra: ExtraOpt = "error",
     shape_mismatch: ShapeOpt = "error",
+    threads: ThreadsOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous streammerge output.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted extraction.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only errors and the summary.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the reasoning vector V = GRPO - SFT as a safetensors checkpoint, to apply to many targets.
@@ -517,10 +519,14 @@ def extract(
             missing=missing,
             extra=extra,
             shape_mismatch=shape_mismatch,
+            threads=threads,
             overwrite=overwrite,
         )
-        r = extract_fn(sft, grpo, out, dtype=dtype, options=opts, resume=resume)
-        _print_report(r, opts, as_json)
+
+        def run(progress=None):
+            return extract_fn(sft, grpo, out, dtype=dtype, options=opts, progress=progress, resume=resume)
+
+        _merge_body(run, opts, quiet, as_json)
 
     _run(body)
 

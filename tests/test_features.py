@@ -131,8 +131,10 @@ def test_apply_of_extract_equals_merge_byte_for_byte(tmp_path, alpha):
 
 def test_extract_bf16_and_cli(tmp_path):
     dirs, (t, s, g) = _trio(tmp_path)
-    r = runner.invoke(app, ["extract", str(dirs[1]), str(dirs[2]), "-o", str(tmp_path / "v"), "--dtype", "bf16"])
+    args = ["extract", str(dirs[1]), str(dirs[2]), "-o", str(tmp_path / "v"), "--dtype", "bf16"]
+    r = runner.invoke(app, [*args, "--threads", "2", "--quiet"])
     assert r.exit_code == 0, r.output
+    assert "cpu engine: 2 compute worker(s)" in r.output  # --threads reached the engine
     v = load_all(tmp_path / "v")
     k = "model.norm.weight"
     d = widen(raw_bits(g[k]), "BF16") - widen(raw_bits(s[k]), "BF16")  # float32, one rounding to bf16 below
