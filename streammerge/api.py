@@ -407,7 +407,7 @@ def _execute(
             small = {path.name: path.read_bytes() for path in vp.aux_files}
             small["README.md"] = model_card(vp).encode()
             files.append(w.finalize(small))
-    root_notes = _earlier_sweep_outputs(out_dir, dirs, opts.overwrite) if p.variants and sink == "disk" else []
+    root_notes = _earlier_sweep_outputs(out_dir, dirs, opts.overwrite, ckpts) if p.variants and sink == "disk" else []
     seconds = time.perf_counter() - t_start
     moved = stats.bytes_read + stats.bytes_written
     pushed = ""
@@ -445,10 +445,11 @@ def _execute(
     return reports
 
 
-def _earlier_sweep_outputs(root: Path, dirs: list[Path], overwrite: bool) -> list[str]:
+def _earlier_sweep_outputs(root: Path, dirs: list[Path], overwrite: bool, ckpts: dict) -> list[str]:
     """After a sweep into ``root``: the ``alpha-*`` outputs an earlier sweep left there with other alphas. With
     ``overwrite`` they are removed (only what their manifests record), since the root now stands for this sweep;
-    else they are named, so nobody takes them for this sweep's."""
+    else they are named, so nobody takes them for this sweep's. One that is (or holds) an input of this run, such
+    as an earlier output used as the target, is never touched."""
     ours = {d.name for d in dirs}
     others = sorted(d for d in root.glob("alpha-*") if d.name not in ours and read_manifest(d) is not None)
     if not others:
@@ -458,6 +459,11 @@ def _earlier_sweep_outputs(root: Path, dirs: list[Path], overwrite: bool) -> lis
         return [f"sweep: {root} also holds {names} from an earlier sweep (not this one's; --overwrite removes them)"]
     notes = []
     for d in others:
+        try:
+            _check_paths(d, ckpts)
+        except OutputError:
+            notes.append(f"sweep: kept {d.name} of an earlier sweep: it is an input of this one")
+            continue
         why = remove_output(d)
         notes.append(f"sweep: removed {d.name} of an earlier sweep (--overwrite)" if why is None else f"sweep: {why}")
     return notes

@@ -585,3 +585,13 @@ def test_apply_cli_sweep_and_progress_options(five, tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["alpha--1", "alpha-1"]
     r = runner.invoke(app, [*args, "--push-to", "me/x"])
     assert r.exit_code == 1 and "a sweep writes one per alpha" in r.output
+
+
+def test_overwrite_on_a_sweep_never_removes_an_input(five, tmp_path) -> None:
+    """An earlier sweep's output used as this sweep's target, in the same root: --overwrite keeps it."""
+    out = tmp_path / "root"
+    streammerge.sweep(five["t"], five["s1"], five["g1"], out, [0.5, 2], **KW)
+    before = tree_digest(out / "alpha-0.5")
+    reports = streammerge.sweep(out / "alpha-0.5", five["s1"], five["g1"], out, [2, 3], overwrite=True, **KW)
+    assert "sweep: kept alpha-0.5 of an earlier sweep: it is an input of this one" in reports[0].warnings
+    assert tree_digest(out / "alpha-0.5") == before
