@@ -710,11 +710,17 @@ def _run_step(step: str, state: dict, state_path: Path, timeout: float) -> dict:
         return {**partial, "error": f"timed out after {timeout:.0f} s", "seconds": time.perf_counter() - t0}
     if not result_path.exists():
         return {"error": f"step process exited with {rc} without a result", "seconds": time.perf_counter() - t0}
-    result = _read_json(result_path)
-    if result.get("partial"):
-        result["error"] = f"step process exited with {rc} before it finished"
+    result = _settle(_read_json(result_path), rc)
     result.setdefault("seconds", time.perf_counter() - t0)
     result["step_seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _settle(result: dict, rc: int) -> dict:
+    """A step's result as its process left it: one still marked partial did not finish; the step's own error, when
+    it recorded one, is the one to keep."""
+    if result.get("partial"):
+        result.setdefault("error", f"step process exited with {rc} before it finished")
     return result
 
 

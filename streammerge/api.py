@@ -446,25 +446,42 @@ def _execute(
 
 
 def _earlier_sweep_outputs(root: Path, dirs: list[Path], overwrite: bool, ckpts: dict) -> list[str]:
-    """After a sweep into ``root``: the ``alpha-*`` outputs an earlier sweep left there with other alphas. With
-    ``overwrite`` they are removed (only what their manifests record), since the root now stands for this sweep;
-    else they are named, so nobody takes them for this sweep's. One that is (or holds) an input of this run, such
-    as an earlier output used as the target, is never touched."""
+    """After a sweep into ``root``: the outputs an earlier sweep left there for other alphas (``alpha-A`` holding a
+    finished merge or apply at alpha ``A``). With ``overwrite`` they are removed (only what their manifests record),
+    since the root now stands for this sweep; else they are named, so nobody takes them for this sweep's. Anything
+    else is never touched: other directories, unreadable manifests, and an output that is (or holds) an input of
+    this run, such as an earlier output used as the target."""
     ours = {d.name for d in dirs}
-    others = sorted(d for d in root.glob("alpha-*") if d.name not in ours and read_manifest(d) is not None)
-    if not others:
-        return []
-    if not overwrite:
-        names = ", ".join(d.name for d in others)
-        return [f"sweep: {root} also holds {names} from an earlier sweep (not this one's; --overwrite removes them)"]
-    notes = []
-    for d in others:
+    others: list[tuple[Path, dict]] = []
+    kept: list[str] = []
+    for d in sorted(root.glob("alpha-*")):
+        if d.name in ours or d.is_symlink() or not d.is_dir():
+            continue
+        try:
+            previous = read_manifest(d)
+        except OutputError:
+            continue  # not readable as ours: not ours to judge
+        o = (previous or {}).get("options", {})
+        try:
+            named_for_its_alpha = sweep_dirname(float(o.get("alpha"))) == d.name
+        except (TypeError, ValueError):
+            named_for_its_alpha = False
+        if not named_for_its_alpha or o.get("kind", "merge") not in ("merge", "apply"):
+            continue
         try:
             _check_paths(d, ckpts)
         except OutputError:
-            notes.append(f"sweep: kept {d.name} of an earlier sweep: it is an input of this one")
+            kept.append(d.name)  # an input of this run
             continue
-        why = remove_output(d)
+        others.append((d, previous))  # type: ignore[arg-type]
+    if not overwrite:
+        if not others:
+            return []
+        names = ", ".join(d.name for d, _ in others)
+        return [f"sweep: {root} also holds {names} from an earlier sweep (not this one's; --overwrite removes them)"]
+    notes = [f"sweep: kept {name} of an earlier sweep: it is an input of this one" for name in kept]
+    for d, previous in others:
+        why = remove_output(d, previous)
         notes.append(f"sweep: removed {d.name} of an earlier sweep (--overwrite)" if why is None else f"sweep: {why}")
     return notes
 
@@ -771,46 +788,56 @@ def _apply_plan(target, vector, values: list[float], opts: MergeOptions, any_vec
 
 
 class InputGuard:
-    """Every input file's size, mtime and inode when the merge starts; :meth:`check` raises if any has changed.
+    """Every input file's size, mtime, ctime and inode when its header was read; :meth:`check` raises if any changed.
 
     A checkpoint rewritten in place during a merge (a download or a save still running) would give an output that
     mixes old and new bytes. The writer calls :meth:`check` before it gives an output file its final name, after
-    every read that file's bytes came from, so such a file is never published. (A file that shrinks is caught
-    sooner, by the size check before every read in `Checkpoint.view`.)"""
+    every read that file's bytes came from, so such a file is never published. ctime is compared too: a copy that
+    restores the old mtime (``cp -p``, ``rsync -t``) still moves it. (A file that shrinks is caught sooner, by the
+    size check before every read in `Checkpoint.view`.)"""
 
     def __init__(self, ckpts: dict[str, Checkpoint | None]):
-        self._stats: dict[Path, tuple[int, int, int, int]] = {}
+        self._stats: dict[Path, tuple[int, ...]] = {}
         for ck in ckpts.values():
-            for f in ck.files if ck is not None else ():
-                self._stats.setdefault(f, self._stat(f))
+            if ck is None:
+                continue
+            stats = getattr(ck, "file_stats", None) or [None] * len(ck.files)
+            for f, st in zip(ck.files, stats):
+                self._stats.setdefault(f, self._key(st) if st is not None else self._stat(f))
 
     @staticmethod
-    def _stat(f: Path) -> tuple[int, int, int, int]:
+    def _key(st: os.stat_result) -> tuple[int, ...]:
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+    @classmethod
+    def _stat(cls, f: Path) -> tuple[int, ...]:
         try:
-            st = f.stat()
+            return cls._key(f.stat())
         except OSError:
-            return (-1, -1, -1, -1)
-        return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+            return ()
 
     def check(self) -> None:
         for f, before in self._stats.items():
             now = self._stat(f)
-            if now != before:
-                what = (
-                    "removed"
-                    if now[0] < 0
-                    else f"{before[0]} bytes then, {now[0]} now"
-                    if now[0] != before[0]
-                    else "rewritten"
-                )
-                raise CheckpointError(
-                    f"{f}: input changed while merging ({what}); the output would mix old and new bytes, so nothing "
-                    "more was published. Wait until the input is complete and stable, then run again with --overwrite"
-                )
+            if now == before:
+                continue
+            if not now:
+                what = "removed"
+            elif now[0] != before[0]:
+                what = f"{before[0]} bytes then, {now[0]} now"
+            elif now[3:] != before[3:]:
+                what = "replaced by another file"
+            else:
+                what = "modified in place: its mtime or ctime changed"
+            raise CheckpointError(
+                f"{f}: input changed while merging ({what}); the output could mix old and new bytes, so nothing "
+                "more was published. Wait until the input is complete and stable, then run again with --overwrite"
+            )
 
 
 def input_identity(ckpts: dict[str, Checkpoint]) -> dict[str, list[dict]]:
-    """Per role, each input file's name, size, mtime and header SHA-256 (a checkpoint in several roles is read once)."""
+    """Per role, each input file's name, size, mtime, ctime and header SHA-256 (a checkpoint in several roles is read
+    once)."""
     inputs: dict[str, list[dict]] = {}
     seen: dict[int, list[dict]] = {}
     for label, ck in ckpts.items():
@@ -824,7 +851,16 @@ def input_identity(ckpts: dict[str, Checkpoint]) -> dict[str, list[dict]]:
                     head = fh.read(8)
                     n = int.from_bytes(head, "little") if len(head) == 8 else 0
                     hh = hashlib.sha256(head + fh.read(n)).hexdigest()
-                entries.append({"file": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": hh})
+                entries.append(
+                    {
+                        "file": f.name,
+                        "size": st.st_size,
+                        "mtime_ns": st.st_mtime_ns,
+                        # moved by a rewrite that restores the mtime (cp -p, rsync -t): resume must not trust it
+                        "ctime_ns": st.st_ctime_ns,
+                        "header_sha256": hh,
+                    }
+                )
             seen[id(ck)] = entries
         inputs[label] = seen[id(ck)]
     return inputs

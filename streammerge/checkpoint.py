@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, HeaderError, format_name_list
-from .format import Header, clip_repr, read_header
+from .format import Header, clip_repr, read_header_and_stat
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -128,14 +128,18 @@ class Checkpoint:
             self._check_inside(f)
         self.files: list[Path] = files
         self.headers: list[Header] = []
+        # Each file's fstat when its header was read: a change after that (a save still running) is caught before
+        # any output file is published (api.InputGuard).
+        self.file_stats: list[os.stat_result] = []
         self.tensors: dict[str, TensorRef] = {}
         owner: dict[str, Path] = {}
         for i, f in enumerate(files):
             problem = self._not_a_file(f)
             if problem:
                 raise CheckpointError(problem)
-            header = read_header(f)
+            header, st = read_header_and_stat(f)
             self.headers.append(header)
+            self.file_stats.append(st)
             for name, info in header.tensors.items():
                 if name in owner:
                     raise CheckpointError(

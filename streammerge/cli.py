@@ -382,9 +382,9 @@ def _with_progress(run, quiet: bool, label: str = "merging"):
         return run(progress=on_progress)
 
 
-def _merge_body(run, opts, quiet: bool, as_json: bool) -> None:
+def _merge_body(run, opts, quiet: bool, as_json: bool, label: str = "merging") -> None:
     """Call ``run(progress=...)`` with a progress bar on a terminal, then print its report(s)."""
-    result = _with_progress(run, quiet or as_json)
+    result = _with_progress(run, quiet or as_json, label)
     if isinstance(result, list):
         if as_json:
             print(json.dumps([r.to_dict() for r in result], indent=2))
@@ -526,7 +526,7 @@ def extract(
         def run(progress=None):
             return extract_fn(sft, grpo, out, dtype=dtype, options=opts, progress=progress, resume=resume)
 
-        _merge_body(run, opts, quiet, as_json)
+        _merge_body(run, opts, quiet, as_json, label="extracting")
 
     _run(body)
 

@@ -247,6 +247,11 @@ def _parse_entry(path: str, name: str, entry: object, data_size: int) -> TensorI
 
 def read_header(path: str | os.PathLike) -> Header:
     """Read and validate the header of the safetensors file at ``path``."""
+    return read_header_and_stat(path)[0]
+
+
+def read_header_and_stat(path: str | os.PathLike) -> tuple[Header, os.stat_result]:
+    """:func:`read_header`, with the file's ``fstat`` taken when it was opened (what the header describes)."""
     path = os.fspath(path)
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait forever for a writer. It changes nothing for
@@ -264,14 +269,14 @@ def read_header(path: str | os.PathLike) -> Header:
             size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                return parse_header(prefix, size, path)
+                return parse_header(prefix, size, path), st
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                return parse_header(prefix, size, path)
+                return parse_header(prefix, size, path), st
             raw = prefix + f.read(n)
     except OSError as e:
         raise HeaderError(f"{path}: cannot read ({e.strerror or e})") from None
-    return parse_header(raw, size, path)
+    return parse_header(raw, size, path), st
 
 
 def build_header(

@@ -67,7 +67,8 @@ def verify(
         sample (`int`): chunks to recompute when not ``full``.
         seed (`int`): which chunks are sampled.
         progress (*optional*): called with a `Progress` as the work advances: phase "hash" (bytes of the output
-            files hashed), then phase "recompute" (output bytes recomputed and compared).
+            files hashed; ``tensors_*`` count files), then phase "recompute" (output bytes recomputed and compared;
+            ``tensors_*`` count chunks).
 
     Returns:
         [`VerifyReport`]: ``ok`` and the problems found (the first names the bad tensor and file).
@@ -98,7 +99,8 @@ def verify(
             f"{out_dir}: the merge did not complete (state {manifest.get('state')!r}); run it again with --resume"
         )
     shards = manifest.get("shards", {})
-    tick = _Ticker(progress, "hash", sum(r.get("size", 0) for r in shards.values() if isinstance(r, dict)), len(shards))
+    sizes = [r.get("size") for r in shards.values() if isinstance(r, dict)]
+    tick = _Ticker(progress, "hash", sum(n for n in sizes if isinstance(n, int)), len(shards))
     for name, rec in shards.items():
         path = out_dir / name
         if path.is_symlink() or not path.is_file():
@@ -265,7 +267,7 @@ def _recompute(
             if not same:
                 unit = "bytes" if item.op is Op.COPY else "elements"
                 report.fail(
-                    f"{out_dir / plan.files[t.file].name}: tensor {t.name!r} differs from the recomputed merge "
+                    f"{out_dir / plan.files[t.file].name}: tensor {t.name!r} differs from what its inputs recompute to "
                     f"(in {unit} [{item.start}, {item.stop}))"
                 )
                 return

@@ -66,29 +66,32 @@ def read_manifest(out_dir: Path) -> dict | None:
         raise OutputError(f"{p}: unreadable streammerge manifest; remove the output directory and start over") from None
 
 
+def _recorded_names(previous: dict) -> list[str]:
+    """The plain file names a previous streammerge run recorded in its manifest (never a path elsewhere)."""
+    names = [INDEX_FILE, *previous.get("files", []), *previous.get("shards", {}), MANIFEST]
+    return [n for n in names if isinstance(n, str) and "/" not in n and "\\" not in n and n not in ("", ".", "..")]
+
+
 def _remove_recorded(out_dir: Path, previous: dict) -> None:
     """Remove only what a previous streammerge run recorded in its manifest, index first so nothing looks complete,
     the manifest last."""
-    names = [INDEX_FILE, *previous.get("files", []), *previous.get("shards", {}), MANIFEST]
-    for name in names:
-        if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
-            try:
-                (out_dir / name).unlink()
-            except FileNotFoundError:
-                pass
+    for name in _recorded_names(previous):
+        try:
+            (out_dir / name).unlink()
+        except FileNotFoundError:
+            pass
 
 
-def remove_output(out_dir: Path) -> str | None:
-    """Delete a streammerge output directory that nothing is writing: the files its manifest records, its
-    temporaries, then the directory if that leaves it empty. Returns why it was left (in part or whole), or None.
+def remove_output(out_dir: Path, previous: dict) -> str | None:
+    """Delete a finished streammerge output directory that nothing is writing and that holds nothing else: the files
+    its manifest (``previous``) records, its temporaries, then the directory. Returns why it was left untouched, or
+    None.
 
     For ``--overwrite`` on a sweep: outputs of an earlier sweep's other alphas would otherwise stay beside the new
-    ones and look like part of it."""
+    ones and look like part of it. A directory that also holds a file streammerge did not write (an evaluation
+    result, say) is left whole."""
     if out_dir.is_symlink() or not out_dir.is_dir():
-        return f"{out_dir}: not a directory"
-    previous = read_manifest(out_dir)
-    if previous is None:
-        return f"{out_dir}: not a streammerge output (no {MANIFEST})"
+        return f"{out_dir}: not a directory (a symlink or file), left alone"
     try:
         fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
@@ -98,13 +101,17 @@ def remove_output(out_dir: Path) -> str | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return f"{out_dir}: another streammerge process is writing it"
+        ours = set(_recorded_names(previous))
+        foreign = [
+            p.name
+            for p in out_dir.iterdir()
+            if p.name not in ours and not (p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX))
+        ]
+        if foreign:
+            return f"{out_dir}: kept whole, it holds {len(foreign)} file(s) streammerge did not write ({foreign[0]})"
         _remove_recorded(out_dir, previous)
         for p in out_dir.iterdir():
-            if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX):
-                p.unlink(missing_ok=True)
-        left = list(out_dir.iterdir())
-        if left:
-            return f"{out_dir}: kept, it holds {len(left)} file(s) streammerge did not write"
+            p.unlink()  # only temporaries are left
         out_dir.rmdir()
         return None
     except OSError as e:
@@ -315,6 +322,11 @@ class OutputWriter:
                 f"{human_bytes(self.plan.disk_needed)}"
                 + (f", {human_bytes(free)} is free" if free is not None else "")
                 + "; free space (or choose another output directory), then run again with --resume"
+            )
+        if e.errno == errno.EFAULT:  # the bytes came straight from an input mapping that no longer has them
+            return OutputError(
+                f"{self.out_dir / name}: write failed ({e.strerror}): an input file shrank while merging; wait until "
+                "every input is complete and stable, then run again"
             )
         return OutputError(f"{self.out_dir / name}: write failed ({e.strerror or e})")
 

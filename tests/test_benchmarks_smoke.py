@@ -211,3 +211,10 @@ def test_gpu_check_keeps_the_parts_of_a_step_that_failed(tmp_path, monkeypatch):
     got = json.loads(result.read_text())
     assert got["first"] == 1.5 and "the driver went away" in got["error"]
     assert gpu_check._read_json(tmp_path / "missing.json") == {}
+    # The parent keeps the step's own error; a result left partial without one says the process did not finish.
+    assert "the driver went away" in gpu_check._settle({**got, "partial": True}, 0)["error"]
+    assert (
+        gpu_check._settle({"first": 1.5, "partial": True}, -9)["error"]
+        == "step process exited with -9 before it finished"
+    )
+    assert "error" not in gpu_check._settle({"first": 1.5}, 0)

@@ -510,47 +510,65 @@ def test_sweep_checks_every_output_before_touching_any(five, tmp_path) -> None:
 
 def test_overwrite_on_a_sweep_removes_an_earlier_sweeps_other_alphas(five, tmp_path) -> None:
     """The root of a sweep stands for that sweep: with --overwrite, outputs an earlier sweep left there for other
-    alphas go (only the files their manifests record); without it they are named in the report. Anything streammerge
-    did not write stays."""
+    alphas go (only the files their manifests record); without it they are named in the report. Anything else stays
+    whole: an output holding a file of the user's, a directory that is not a sweep output (another merge named
+    alpha-best, an alpha dir whose merge was at another alpha), an unreadable manifest."""
     out = tmp_path / "root"
     streammerge.sweep(five["t"], five["s1"], five["g1"], out, [0.5, 2, -1], **KW)
-    (out / "alpha--1" / "notes.txt").write_text("the user's own file")
+    (out / "alpha--1" / "eval.txt").write_text("the user's own file")
+    streammerge.merge(five["t"], five["s1"], five["g1"], out / "alpha-best", **KW)
+    streammerge.merge(five["t"], five["s1"], five["g1"], out / "alpha-7", alpha=0.25, **KW)
     (out / "alpha-9").mkdir()
     (out / "alpha-9" / "data.bin").write_text("not a streammerge output")
+    (out / "alpha-junk").mkdir()
+    (out / "alpha-junk" / MANIFEST).write_text("garbage")
+    untouched = {d: tree_digest(out / d) for d in ("alpha--1", "alpha-best", "alpha-7", "alpha-9", "alpha-junk")}
 
     reports = streammerge.sweep(five["t"], five["s1"], five["g1"], out, [1, 4], **KW)
-    assert any("also holds alpha--1, alpha-0.5, alpha-2 from an earlier sweep" in w for w in reports[0].warnings)
-    assert {p.name for p in out.iterdir()} == {"alpha--1", "alpha-0.5", "alpha-1", "alpha-2", "alpha-4", "alpha-9"}
+    notes = [w for w in reports[0].warnings if "earlier sweep" in w]
+    assert notes == [
+        f"sweep: {out} also holds alpha--1, alpha-0.5, alpha-2 from an earlier sweep (not this one's; "
+        "--overwrite removes them)"
+    ]
 
     want = _files(out / "alpha-2")
     reports = streammerge.sweep(five["t"], five["s1"], five["g1"], out, [2, 3], overwrite=True, **KW)
     notes = reports[0].warnings
-    assert "sweep: removed alpha-0.5 of an earlier sweep (--overwrite)" in notes
-    assert "sweep: removed alpha-1 of an earlier sweep (--overwrite)" in notes
-    assert "sweep: removed alpha-4 of an earlier sweep (--overwrite)" in notes
-    assert any("alpha--1: kept, it holds 1 file(s) streammerge did not write" in w for w in notes)
-    assert {p.name for p in out.iterdir()} == {"alpha--1", "alpha-2", "alpha-3", "alpha-9"}
-    assert [p.name for p in (out / "alpha--1").iterdir()] == ["notes.txt"]  # its weights and manifest are gone
-    assert (out / "alpha-9" / "data.bin").read_text() == "not a streammerge output"
+    for name in ("alpha-0.5", "alpha-1", "alpha-4"):
+        assert f"sweep: removed {name} of an earlier sweep (--overwrite)" in notes
+    assert any("alpha--1: kept whole, it holds 1 file(s) streammerge did not write (eval.txt)" in w for w in notes)
+    assert {p.name for p in out.iterdir()} == {"alpha-2", "alpha-3", *untouched}
+    assert {d: tree_digest(out / d) for d in untouched} == untouched
     assert _files(out / "alpha-2") == want  # rewritten, same bytes
 
 
 def test_remove_output_leaves_a_directory_another_process_writes(five, tmp_path) -> None:
     import fcntl
 
-    from streammerge.writer import remove_output
+    from streammerge.writer import read_manifest, remove_output
 
     d = tmp_path / "busy"
     streammerge.merge(five["t"], five["s1"], five["g1"], d, **KW)
+    previous = read_manifest(d)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert "another streammerge process is writing it" in remove_output(d)
+        assert "another streammerge process is writing it" in remove_output(d, previous)
     finally:
         os.close(fd)
     assert (d / MANIFEST).exists()
-    assert remove_output(d) is None and not d.exists()
-    assert "not a directory" in remove_output(d)
+    assert remove_output(d, previous) is None and not d.exists()
+    assert "not a directory" in remove_output(d, previous)
+
+
+def test_overwrite_on_a_sweep_never_removes_an_input(five, tmp_path) -> None:
+    """An earlier sweep's output used as this sweep's target, in the same root: --overwrite keeps it."""
+    out = tmp_path / "root"
+    streammerge.sweep(five["t"], five["s1"], five["g1"], out, [0.5, 2], **KW)
+    before = tree_digest(out / "alpha-0.5")
+    reports = streammerge.sweep(out / "alpha-0.5", five["s1"], five["g1"], out, [2, 3], overwrite=True, **KW)
+    assert "sweep: kept alpha-0.5 of an earlier sweep: it is an input of this one" in reports[0].warnings
+    assert tree_digest(out / "alpha-0.5") == before
 
 
 def test_apply_sweep_equals_single_applies_and_the_merge_sweep(five, tmp_path) -> None:
@@ -585,13 +603,3 @@ def test_apply_cli_sweep_and_progress_options(five, tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["alpha--1", "alpha-1"]
     r = runner.invoke(app, [*args, "--push-to", "me/x"])
     assert r.exit_code == 1 and "a sweep writes one per alpha" in r.output
-
-
-def test_overwrite_on_a_sweep_never_removes_an_input(five, tmp_path) -> None:
-    """An earlier sweep's output used as this sweep's target, in the same root: --overwrite keeps it."""
-    out = tmp_path / "root"
-    streammerge.sweep(five["t"], five["s1"], five["g1"], out, [0.5, 2], **KW)
-    before = tree_digest(out / "alpha-0.5")
-    reports = streammerge.sweep(out / "alpha-0.5", five["s1"], five["g1"], out, [2, 3], overwrite=True, **KW)
-    assert "sweep: kept alpha-0.5 of an earlier sweep: it is an input of this one" in reports[0].warnings
-    assert tree_digest(out / "alpha-0.5") == before

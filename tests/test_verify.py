@@ -200,3 +200,24 @@ def test_cli_progress_bar_follows_phases(monkeypatch):
 
     assert cli._with_progress(run, quiet=False, label="verifying") == "done"
     assert cli._with_progress(lambda progress=None: progress, quiet=True) is None  # quiet: no bar, no callback
+
+
+def test_verify_reports_a_manifest_with_a_bad_size_as_a_failure(merged):
+    m = json.loads((merged / ".streammerge.json").read_text())
+    name = sorted(m["shards"])[0]
+    m["shards"][name]["size"] = str(m["shards"][name]["size"])  # a string where a number belongs
+    (merged / ".streammerge.json").write_text(json.dumps(m))
+    r = streammerge.verify(merged, progress=lambda e: None)
+    assert not r.ok and name in r.problems[0] and "the manifest records" in r.problems[0]
+
+
+def test_a_write_from_a_shrunken_input_mapping_names_the_input_side(small_trio, tmp_path):
+    """A copied tensor's bytes go from the input mapping straight to pwrite: if that input shrank in between, the
+    kernel answers EFAULT, and the error says an input changed rather than blaming the output disk."""
+    import errno
+
+    from streammerge.writer import OutputWriter
+
+    p = streammerge.plan(*small_trio, options=streammerge.MergeOptions.create(device="cpu"))
+    err = OutputWriter(tmp_path / "o", p)._write_error("model.safetensors", OSError(errno.EFAULT, "Bad address"))
+    assert "an input file shrank while merging" in str(err)
