@@ -686,16 +686,25 @@ def extract(
     """
     t_start = time.perf_counter()
     opts = _options(options, {**kwargs, "out_dtype": dtype, "alpha": 1.0})
-    opened = _open_all(sft, grpo, grpo)  # labels target=sft, sft=grpo, grpo=grpo (a second map of grpo)
-    sft_ck, grpo_ck = opened["target"], opened["grpo"]
-    ckpts = {"target": grpo_ck, "sft": sft_ck, "grpo": grpo_ck}
+    p, ckpts, opened = _extract_plan(sft, grpo, opts)
     try:
-        sources = {"target": "-", "sft": sft_ck.source, "grpo": grpo_ck.source}
-        p = build_plan(grpo_ck, sft_ck, grpo_ck, opts, sources=sources, kind="vector")
         return _execute(p, ckpts, Path(out), opts, t_start, progress, resume, sink, None, False)[0]
     finally:
-        for c in opened.values():
-            c.close()
+        _close(opened)
+
+
+def _extract_plan(sft, grpo, opts: MergeOptions, sources=None):
+    """The plan of ``grpo - sft`` laid out as grpo (grpo is the engine's target too: its non-floating tensors are
+    copied), the engine's checkpoints and the opened ones to close. ``sources``: see :func:`_apply_plan`."""
+    opened = _open_all(sft, grpo, grpo)  # labels target=sft, sft=grpo, grpo=grpo (a second map of grpo)
+    try:
+        sft_ck, grpo_ck = opened["target"], opened["grpo"]
+        sources = sources or {"target": "-", "sft": sft_ck.source, "grpo": grpo_ck.source}
+        p = build_plan(grpo_ck, sft_ck, grpo_ck, opts, sources=sources, kind="vector")
+        return p, {"target": grpo_ck, "sft": sft_ck, "grpo": grpo_ck}, opened
+    except BaseException:
+        _close(opened)
+        raise
 
 
 def apply(

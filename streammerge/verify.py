@@ -203,16 +203,14 @@ def _recompute(
             inputs["target"], inputs["vector"], [opts.alpha], opts, any_vector=True, sources=manifest.get("sources")
         )
     elif kind == "vector":
-        # extract: v = grpo - sft, laid out as grpo (the engine's roles: target = grpo).
-        opened = _open_all(inputs["sft"], inputs["grpo"], inputs["grpo"])
-        ckpts = {"target": opened["grpo"], "sft": opened["target"], "grpo": opened["grpo"]}
+        from .api import _extract_plan
+
+        plan, ckpts, opened = _extract_plan(inputs["sft"], inputs["grpo"], opts, sources=manifest.get("sources"))
     else:
         opened = ckpts = _open_all(inputs["target"], inputs["sft"], inputs["grpo"])
     try:
-        if spec is None and kind != "apply":
-            plan = build_plan(
-                ckpts["target"], ckpts["sft"], ckpts["grpo"], opts, sources=manifest.get("sources"), kind=kind
-            )
+        if kind == "merge":
+            plan = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts, sources=manifest.get("sources"))
         for i, f in enumerate(plan.files):
             path = out_dir / f.name
             if not path.is_file():
