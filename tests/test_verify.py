@@ -58,19 +58,8 @@ def test_verify_detects_a_flipped_byte(merged):
 
 def test_verify_recompute_names_the_tensor_when_checksums_were_forged(small_trio, merged):
     # rewrite a tensor's bytes AND the manifest's checksum: only recomputation can tell
-    from streammerge.checkpoint import Checkpoint
-    from streammerge.writer import sha256_file
-
-    with Checkpoint(merged) as ck:
-        name = "model.layers.0.mlp.up_proj.weight"
-        ref = ck.tensors[name]
-        path = ck.files[ref.file]
-    data = bytearray(path.read_bytes())
-    data[ref.offset + 10] ^= 0x01
-    path.write_bytes(bytes(data))
-    m = json.loads((merged / ".streammerge.json").read_text())
-    m["shards"][path.name]["sha256"] = sha256_file(path)
-    (merged / ".streammerge.json").write_text(json.dumps(m))
+    name = "model.layers.0.mlp.up_proj.weight"
+    path = _forge(merged, name)
     assert streammerge.verify(merged).ok  # structure and checksums look fine
     r = streammerge.verify(merged, *small_trio, full=True)
     assert not r.ok and name in r.problems[0] and path.name in r.problems[0]
@@ -91,8 +80,8 @@ def test_verify_needs_all_three_inputs(small_trio, merged):
         streammerge.verify(merged, small_trio[0])
 
 
-def _forge(out, name: str) -> None:
-    """Flip a byte of tensor ``name`` and record the new checksum: only recomputation can tell."""
+def _forge(out, name: str):
+    """Flip a byte of tensor ``name`` and record the new checksum: only recomputation can tell. Returns its file."""
     from streammerge.checkpoint import Checkpoint
     from streammerge.writer import sha256_file
 
@@ -105,6 +94,7 @@ def _forge(out, name: str) -> None:
     m = json.loads((out / ".streammerge.json").read_text())
     m["shards"][path.name]["sha256"] = sha256_file(path)
     (out / ".streammerge.json").write_text(json.dumps(m))
+    return path
 
 
 def test_verify_recomputes_extract_and_apply_outputs(small_trio, tmp_path):
