@@ -892,8 +892,11 @@ def verify(
                     _stderr(f"error: {p}")
             raise typer.Exit(EXIT_ERROR)
         if not as_json:
-            what = f"{r.chunks_checked} of {r.chunks_total} chunks recomputed" if r.chunks_total else "structure"
-            print(f"OK: {r.files_checked} file(s), {_gb(r.bytes_hashed)} hashed, {what}: all bytes match")
+            head = f"OK: {r.files_checked} file(s), {_gb(r.bytes_hashed)} hashed"
+            if r.chunks_checked:
+                print(f"{head}, {r.chunks_checked} of {r.chunks_total} chunks recomputed: all bytes match")
+            else:  # nothing recomputed (no inputs given, or --sample 0): say only what was checked
+                print(f"{head}: structure and recorded SHA-256s match (no chunk recomputed)")
 
     _run(body)
 

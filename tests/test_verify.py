@@ -43,6 +43,13 @@ def test_verify_ok_structure_and_full(small_trio, merged):
         ],
     )
     assert cli.exit_code == 0 and cli.output.startswith("OK:")
+    assert f"{r.chunks_total} of {r.chunks_total} chunks recomputed: all bytes match" in cli.output
+    # Nothing recomputed (--sample 0, or no inputs): the line claims only what was checked.
+    for extra in (["--sample", "0", "--target", str(small_trio[0]), "--sft", str(small_trio[1])], []):
+        extra += ["--grpo", str(small_trio[2])] if extra else []
+        cli = runner.invoke(app, ["verify", str(merged), *extra])
+        assert cli.exit_code == 0 and "structure and recorded SHA-256s match (no chunk recomputed)" in cli.output
+        assert "all bytes match" not in cli.output
 
 
 def test_verify_detects_a_flipped_byte(merged):
