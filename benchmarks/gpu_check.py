@@ -23,14 +23,16 @@ most important first, skipped when the time budget (``--budget``) is spent:
    every output file compared with the CPU engine's.
 6. ``e2e``: the I/O floor (read the inputs + write and fsync the output's bytes), then the CPU and the CUDA engine
    to disk; output files re-hashed and compared.
-7. ``sweep``: a 3-alpha sweep against 3 single runs on CUDA, and a 2-vector combine on CUDA against the CPU engine.
+7. ``mergekit``: ``mergekit-yaml --cuda`` on the same trio: an installed mergekit, else the wheels carried in
+   ``.whl/`` (``make peer-wheels``), else recorded as absent.
 8. ``sparse70b``: a Llama-3-70B-layout trio of holes (2 layers: embedding + head 2.1 GB each) merged on the GPU to
    the null sink with 64 MiB chunks: peak GPU memory.
-9. ``mergekit``: ``mergekit-yaml --cuda`` on the same trio: an installed mergekit, else the wheels carried in
-   ``.whl/`` (``make peer-wheels``), else recorded as absent.
+9. ``sweep``: a 3-alpha sweep against 3 single runs on CUDA, and a 2-vector combine on CUDA against the CPU engine
+   (issue 6 on the GPU; last, as the issue 3 targets come first).
 
 Each step saves its parts as they complete, and the results file is rewritten after every step, so a step killed
 on its timeout, or the whole run cut short, keeps what was measured before.
+
 The last thing printed is a short table; the full results (card, versions, sizes, every figure, every failure) go
 to ``benchmarks/results/gpu_check-<timestamp>.json`` and, when ``$OUT`` is set (the device tool's output folder),
 to ``$OUT`` as well.
@@ -95,9 +97,9 @@ STEP_TIMEOUTS = {
     "generate": 150,
     "pipeline": 150,
     "e2e": 150,
-    "sweep": 90,
-    "sparse70b": 120,
     "mergekit": 150,
+    "sparse70b": 120,
+    "sweep": 90,
 }
 # A step is skipped rather than started with less than this left (seconds).
 MIN_STEP_S = 15
@@ -658,9 +660,9 @@ STEPS = {
     "generate": step_generate,
     "pipeline": step_pipeline,
     "e2e": step_e2e,
-    "sweep": step_sweep,
-    "sparse70b": step_sparse70b,
     "mergekit": step_mergekit,
+    "sparse70b": step_sparse70b,
+    "sweep": step_sweep,
 }
 
 
