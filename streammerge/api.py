@@ -368,8 +368,8 @@ def _execute(
     out_dir = out_dir if out_dir is not None else Path("(null sink)")
     plans = p.variants or [p]
     dirs = [out_dir / sweep_dirname(vp.options.alpha) for vp in p.variants] if p.variants else [out_dir]
-    if p.variants and push_to:
-        raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep later")
+    if p.variants:
+        refuse_push_for_sweep(push_to)
     if sink == "disk":
         if p.variants and (out_dir / MANIFEST).exists():
             raise OutputError(
@@ -443,6 +443,12 @@ def _execute(
             )
         )
     return reports
+
+
+def refuse_push_for_sweep(push_to: str | None) -> None:
+    """A sweep writes one output per alpha; ``--push-to`` uploads one: refused before anything runs."""
+    if push_to:
+        raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep")
 
 
 def _earlier_sweep_outputs(root: Path, dirs: list[Path], overwrite: bool, ckpts: dict) -> list[str]:

@@ -310,12 +310,10 @@ def merge(
             _plan_body(target, sft, grpo, out, opts, as_json, alphas=sweep)
             return
         if sweep:
+            from .api import refuse_push_for_sweep
             from .api import sweep as sweep_fn
 
-            if push_to:
-                from .errors import OptionsError
-
-                raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep")
+            refuse_push_for_sweep(push_to)
 
             def run(progress=None):
                 return sweep_fn(
@@ -597,12 +595,9 @@ def apply_cmd(
             strict=strict,
         )
         if len(alphas) > 1:
-            from .api import apply_sweep
+            from .api import apply_sweep, refuse_push_for_sweep
 
-            if push_to:
-                from .errors import OptionsError
-
-                raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep")
+            refuse_push_for_sweep(push_to)
 
             def run(progress=None):
                 return apply_sweep(
