@@ -4,8 +4,6 @@
 output bytes on every device; several alphas in one pass (:func:`sweep`) and many vectors (:func:`combine`).
 """
 
-__version__ = "0.1.0"
-
 from .api import MergeReport, apply, apply_sweep, combine, extract, merge, plan, plan_combine, sweep, sweep_dirname  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
@@ -19,6 +17,7 @@ from .errors import (  # noqa: E402
 from .options import MergeOptions  # noqa: E402
 from .spec import Spec, VectorSpec, load_spec  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
+from .version import __version__
 
 __all__ = [
     "CheckpointError",

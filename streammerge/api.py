@@ -11,11 +11,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import __version__
-from ._faults import crash_point
 from .checkpoint import Checkpoint, open_checkpoint
 from .engines import EngineStats, Progress
 from .errors import CheckpointError, EngineError, OptionsError, OutputError, StreamMergeError
+from .faults import crash_point
 from .memory import available_memory
 from .options import MergeOptions
 from .plan import (
@@ -29,6 +28,7 @@ from .plan import (
     sweep_plan,
 )
 from .spec import Spec, load_spec
+from .version import __version__
 from .writer import MANIFEST, NullWriter, OutputWriter, SweepWriter, read_manifest, remove_output
 
 ProgressCallback = Callable[[Progress], None]
@@ -207,7 +207,8 @@ def plan(
 
 
 def _cuda_engine(opts: MergeOptions | None):
-    from .engines.cuda import DEFAULT_WINDOW_BYTES, CudaEngine
+    from .budget import DEFAULT_WINDOW_BYTES
+    from .engines.cuda import CudaEngine
 
     if opts is None:
         return CudaEngine()

@@ -14,8 +14,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import CheckpointError, HeaderError, format_name_list
 from .format import Header, clip_repr, read_header_and_stat
 
@@ -39,13 +37,6 @@ AUX_FILES = (
     "preprocessor_config.json",
 )
 MAX_INDEX_BYTES = 64_000_000
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "U8": torch.uint8,
-}
 
 # torch.frombuffer warns on every read-only buffer; our views are only ever read.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -314,15 +305,20 @@ class Checkpoint:
         self._map(i)
         return self._fds[i]  # type: ignore[return-value]
 
-    def view(self, ref: TensorRef, start: int, stop: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-        """A zero-copy tensor over bytes [start, stop) of ``ref`` (relative to the tensor), read-only by contract."""
+    def view(self, ref: TensorRef, start: int, stop: int, dtype=None):
+        """A zero-copy tensor over bytes [start, stop) of ``ref`` (relative to the tensor), read-only by contract.
+        ``dtype``: a ``torch.dtype`` (``torch.uint8`` by default). torch is imported here, not with the module, so
+        header-only commands never load it."""
+        import torch
+
+        dtype = torch.uint8 if dtype is None else dtype
         if not 0 <= start <= stop <= ref.nbytes:
             raise ValueError(f"byte range [{start}, {stop}) outside tensor {ref.name!r} of {ref.nbytes} bytes")
         if stop == start:
             return torch.empty(0, dtype=dtype)
         m = self._map(ref.file)
         self._check_size(ref.file, self._fds[ref.file])  # type: ignore[arg-type]
-        return torch.frombuffer(m, dtype=dtype, count=(stop - start) // _itemsize(dtype), offset=ref.offset + start)
+        return torch.frombuffer(m, dtype=dtype, count=(stop - start) // dtype.itemsize, offset=ref.offset + start)
 
     # Set by the merge when the inputs cannot stay in the page cache anyway (larger than half the available
     # memory): consumed pages are then also dropped from the cache, so a 420 GB merge does not evict everything
@@ -381,10 +377,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, files={len(self.files)}, tensors={len(self.tensors)})"
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _is_file_name(name: str) -> bool:

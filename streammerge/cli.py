@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
 from .errors import StreamMergeError
+from .version import __version__
 
 app = typer.Typer(
     name="streammerge",

@@ -16,39 +16,10 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+from .dtypes import DTYPE_BITS
 from .errors import HeaderError
 
-# Bits per element for every dtype code safetensors defines (safetensors/src/tensor.rs `Dtype`).
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
-
-# The floating dtypes the merge blends (DESIGN.md section 2: exact widening to float32 exists for these).
-BLENDABLE_DTYPES = ("BF16", "F16", "F32")
-# Floating (or complex) dtypes we cannot widen exactly to float32; they need an explicit policy.
-UNSUPPORTED_FLOAT_DTYPES = tuple(d for d in DTYPE_BITS if d.startswith(("F", "C")) and d not in BLENDABLE_DTYPES)
-
+# Dtype facts live in one table (dtypes.py); the header checks read bits per element from it.
 # A header larger than this is refused. Real headers are ~100 KB for 70B models; safetensors itself caps at 100 MB.
 MAX_HEADER_BYTES = 100_000_000
 HEADER_ALIGNMENT = 8

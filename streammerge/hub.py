@@ -154,7 +154,7 @@ class RemoteHeaders:
         from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
 
         from .checkpoint import TensorRef
-        from .format import DTYPE_BITS
+        from .dtypes import DTYPE_BITS
 
         parsed = parse_repo_spec(spec)
         if parsed is None:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from huggingface_hub import split_state_dict_into_shards_factory
 
-from . import __version__
+from .budget import DEFAULT_DEVICE_SLOTS, device_memory_bytes, host_buffer_bytes
 from .checkpoint import SINGLE_FILE, Checkpoint, TensorRef
+from .dtypes import BLENDABLE_DTYPES, DTYPE_BITS
 from .errors import TensorMismatchError, format_name_list
-from .format import BLENDABLE_DTYPES, DTYPE_BITS, build_header
+from .format import build_header
 from .options import VOCAB_TENSOR_RE, MergeOptions
+from .version import __version__
 
 
 class Op(str, enum.Enum):
@@ -190,14 +192,10 @@ class MergePlan:
 
     def expected_peak_memory(self) -> int:
         """Host buffers the CPU engine allocates: a bound on anonymous memory growth, independent of model size."""
-        from .engines.cpu import host_buffer_bytes
-
         return host_buffer_bytes(self.options.chunk_bytes, self.options.threads, self.outputs, self.max_vectors)
 
     def expected_gpu_memory(self) -> int:
         """Device buffers the CUDA engine allocates (slots x (inputs + outputs) x chunk, plus fixed extras)."""
-        from .engines.cuda import DEFAULT_DEVICE_SLOTS, device_memory_bytes
-
         o = self.options
         inputs = max([len(t.inputs()) for t in self.tensors if t.op is Op.MERGE] or [3])
         return device_memory_bytes(

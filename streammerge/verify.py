@@ -12,9 +12,10 @@ import torch
 
 from .api import _open_all
 from .checkpoint import Checkpoint
+from .dtypes import DTYPE_BITS
 from .engines import Progress
 from .errors import StreamMergeError
-from .format import DTYPE_BITS, read_header
+from .format import read_header
 from .options import MergeOptions
 from .plan import Op, build_plan
 from .writer import STATE_COMPLETE, read_manifest, sha256_file
@@ -245,7 +246,7 @@ def _recompute(
                 a, b = item.start, item.stop
                 want = ckpts["target"].view(t.target, a, b)
             else:
-                CpuEngine._compute(t, item, ckpts, [buf], scratch, opts, stats)
+                CpuEngine.compute_chunk(t, item, ckpts, [buf], scratch, opts, stats)
                 isz = DTYPE_BITS[t.dtype] // 8
                 a, b = item.start * isz, item.stop * isz
                 want = buf[: b - a]

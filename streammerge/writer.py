@@ -18,9 +18,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ._faults import crash_point
 from .checkpoint import INDEX_FILE
 from .errors import OutputError
+from .faults import crash_point
 from .plan import MergePlan
 
 MANIFEST = ".streammerge.json"

@@ -39,6 +39,7 @@ from streammerge.kernels.reference import round_from_f32_exact  # noqa: E402
 
 import streammerge  # noqa: E402
 from streammerge import api  # noqa: E402
+from streammerge.budget import device_memory_bytes  # noqa: E402
 from streammerge.engines import cuda as ce  # noqa: E402
 from streammerge.errors import EngineError, NonFiniteError, OptionsError, OutputError  # noqa: E402
 from streammerge.format import build_header  # noqa: E402
@@ -189,8 +190,8 @@ def test_interval_stats_measures_overlap() -> None:
 
 
 def test_device_memory_is_slots_times_four_chunks() -> None:
-    assert ce.device_memory_bytes(64 << 20, 2) == 2 * 4 * (64 << 20)
-    assert ce.device_memory_bytes(64 << 20, 2) < 1 << 30
+    assert device_memory_bytes(64 << 20, 2) == 2 * 4 * (64 << 20)
+    assert device_memory_bytes(64 << 20, 2) < 1 << 30
 
 
 @pytest.mark.parametrize(
@@ -507,9 +508,9 @@ def test_sim_engine_sweep_and_many_vectors(mixed_trio, tmp_path, monkeypatch, pa
 
 def test_device_memory_counts_inputs_and_outputs() -> None:
     chunk = 64 * 2**20
-    assert ce.device_memory_bytes(chunk) == 2 * 4 * chunk
-    assert ce.device_memory_bytes(chunk, outputs=3) == 2 * 6 * chunk
-    assert ce.device_memory_bytes(chunk, inputs=7) == 2 * (7 + 1 + 1) * chunk  # + the float32 accumulator
+    assert device_memory_bytes(chunk) == 2 * 4 * chunk
+    assert device_memory_bytes(chunk, outputs=3) == 2 * 6 * chunk
+    assert device_memory_bytes(chunk, inputs=7) == 2 * (7 + 1 + 1) * chunk  # + the float32 accumulator
 
 
 @pytest.fixture(scope="module")
@@ -867,7 +868,7 @@ def test_cuda_peak_memory_of_a_2gb_embedding_with_64mib_chunks(tmp_path) -> None
     report = streammerge.merge(*trio, tmp_path / "out", device="cuda", chunk_bytes="64MiB", sink="null-sha256")
     assert report.device == "cuda"
     assert report.peak_gpu_memory < 1 << 30, report.peak_gpu_memory
-    assert report.peak_gpu_memory <= ce.device_memory_bytes(64 << 20) + (64 << 20)
+    assert report.peak_gpu_memory <= device_memory_bytes(64 << 20) + (64 << 20)
     zeros = report.bytes_read // 3
     assert report.bytes_read == 3 * zeros and zeros == 128256 * 8192 * 2
     shutil.rmtree(tmp_path / "out", ignore_errors=True)

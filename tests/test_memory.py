@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streammerge.engines.cpu import host_buffer_bytes
+from streammerge.budget import host_buffer_bytes
 from streammerge.format import build_header
 
 MB = 1_000_000

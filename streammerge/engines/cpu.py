@@ -6,7 +6,6 @@ sized by ``chunk_bytes``; input pages are mapped read-only and dropped from this
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -16,56 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .._faults import crash_point
+# Buffer counts and sizes come from the memory formulas the plan reports (budget.py): allocated exactly as said.
+from ..budget import SUB_BLOCK_ELEMS, default_workers, output_slots, scratch_buffers
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import NonFiniteError, StreamMergeError
+from ..faults import crash_point
 from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor
 from ..writer import OutputWriter
 from . import EngineStats, Progress, ProgressCounter
 
-# Output slots in flight between the compute thread and the writer thread: one being written, one being filled, one
-# spare to absorb jitter in write latency (each costs chunk_bytes of host memory).
-OUTPUT_SLOTS = 3
-# Sub-block of a chunk processed by one pass of torch ops: 1 Mi elements keep each fp32 temporary at 4 MiB, near
-# L2/L3, so the ~8 elementwise passes of the contract mostly run from cache (measured, 2-core dev machine, 64 Mi
-# bf16 elements: 64 Ki 286, 256 Ki 418, 1 Mi 493, 4 Mi 102 Melem/s; 4 Mi falls out of cache and into mmap-backed
-# allocations).
-SUB_BLOCK_ELEMS = 1024 * 1024
 # Chunks the prefetch thread may run ahead of the compute thread.
 PREFETCH_AHEAD = 2
-
-
-# Compute workers by default: one core is left to the writer thread, whose pwrite (page-cache copy) and SHA-256 cost
-# about as much CPU as the merge math; beyond ~8 workers the elementwise math is bound by memory bandwidth.
-MAX_DEFAULT_WORKERS = 8
-
-
-def default_workers() -> int:
-    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 2) - 1))
-
-
-def output_slots(outputs: int = 1) -> int:
-    """Output slots for ``outputs`` outputs per pass. A sweep's chunk takes one slot per output at once; two chunks'
-    worth plus a spare let the next chunk be computed while the writer drains the previous one (with only one
-    chunk's worth the compute thread and the writer took turns: measured 32 s instead of ~20 s for a 3-alpha sweep
-    of 2 GB checkpoints on the 2-core machine)."""
-    return OUTPUT_SLOTS if outputs <= 1 else 2 * outputs + 1
-
-
-def scratch_buffers(outputs: int = 1, vectors: int = 1) -> int:
-    """float32 sub-block buffers per worker: two, plus one holding the widened target (or a widened minus) when a
-    chunk has several outputs or vectors (mixed-dtype torch ops cost ~4x a same-dtype one: widening once is cheaper)."""
-    return 2 if outputs <= 1 and vectors <= 1 else 3
-
-
-def host_buffer_bytes(chunk_bytes: int, workers: int | None = None, outputs: int = 1, vectors: int = 1) -> int:
-    """Anonymous memory the CPU engine allocates: output slots, plus per worker its fp32 sub-block buffers and the
-    temporaries of one sub-block's torch ops. Independent of tensor and model size."""
-    workers = workers or default_workers()
-    sub = min(SUB_BLOCK_ELEMS, max(1, chunk_bytes // 4))
-    return output_slots(outputs) * chunk_bytes + workers * (scratch_buffers(outputs, vectors) + 2) * sub * 4
 
 
 @dataclass
@@ -303,7 +265,7 @@ class CpuEngine:
                 timers["wait_slot"] += time.perf_counter() - t0
                 failure.check()
                 t0 = time.perf_counter()
-                n_in = self._compute(t, item, ckpts, [slots[i] for i in ids], scratch, plan.options, stats, pool)
+                n_in = self.compute_chunk(t, item, ckpts, [slots[i] for i in ids], scratch, plan.options, stats, pool)
                 if item.stop > item.start:
                     for k, sid in enumerate(ids):
                         data = slots[sid][: _out_bytes(t, item)].numpy()
@@ -342,7 +304,7 @@ class CpuEngine:
                 continue
 
     @staticmethod
-    def _compute(
+    def compute_chunk(
         t: OutTensor, item: WorkItem, ckpts, out_slots: list[torch.Tensor], scratch, opts, stats: EngineStats, pool=None
     ) -> int:
         """Compute one chunk into ``out_slots`` (one per output: several for a sweep whose outputs differ here), its

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..budget import DEFAULT_DEVICE_SLOTS, DEFAULT_WINDOW_BYTES
 from ..checkpoint import Checkpoint, TensorRef
 from ..errors import EngineError, OptionsError, StreamMergeError
 from ..kernels.reference import OUT_DTYPES, round_from_f32
@@ -75,16 +76,9 @@ from .cpu import (
     work_bytes,
 )
 
-# Device slots: 2 give the full three-stage overlap (H2D of chunk g+1, kernel of g and D2H of g-1 touch different
-# slots), and bound GPU memory to 2 x 4 x chunk_bytes (512 MiB at a 64 MiB chunk) whatever the model.
-DEFAULT_DEVICE_SLOTS = 2
 # Pinned output slots between the copy-out stream and the writer thread: one being written, one being filled by
 # D2H, one spare to absorb jitter in write latency (as the CPU engine's OUTPUT_SLOTS).
 DEFAULT_HOST_SLOTS = 3
-# Registration window: cudaHostRegister(ReadOnly) of cached pages took 0.11 s per 4 GiB on the H200 (DESIGN.md
-# section 5), ~7 ms per 256 MiB: short enough that the first window is ready almost at once and that pinned memory
-# stays ~1-2 GB (3 inputs x (read-ahead + in flight)); long enough that per-call driver overhead is noise.
-DEFAULT_WINDOW_BYTES = 256 * 2**20
 # Input bytes (all three inputs together) registered ahead of the chunk being issued: ~20 ms of H2D at 55 GB/s,
 # several window registrations' worth, so the window thread stays ahead of the copy engine on a warm cache.
 DEFAULT_REGISTER_AHEAD_BYTES = 2**30
@@ -329,23 +323,6 @@ def interval_stats(intervals: dict[str, list[tuple[float, float]]]) -> dict[str,
     out["span"] = (max(b for _, b in everything) - min(a for a, _ in everything)) if everything else 0.0
     out["overlap"] = out["sum"] / out["union"] if out["union"] > 0 else 0.0
     return out
-
-
-def device_memory_bytes(
-    chunk_bytes: int,
-    slots: int = DEFAULT_DEVICE_SLOTS,
-    check_finite: bool = False,
-    inputs: int = 3,
-    outputs: int = 1,
-) -> int:
-    """GPU memory the engine allocates: ``slots`` x (``inputs`` + ``outputs``) x chunk, independent of the model (the
-    three-way merge: 3 inputs, 1 output; a sweep: one output per alpha; several vectors: 1 + 2 per vector inputs plus a
-    float32 accumulator), plus, with ``check_finite``, the non-finite count's temporaries: bool masks of one chunk's
-    elements."""
-    slot = max(4, chunk_bytes // 4 * 4)
-    acc = 1 if inputs > 3 else 0
-    extra = 3 * (slot // 4) + 64 * outputs if check_finite else 0
-    return slots * (inputs + outputs + acc) * slot + extra
 
 
 # ---------------------------------------------------------------------------------------------- device backends

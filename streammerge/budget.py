@@ -1,0 +1,75 @@
+"""Memory budgets: the buffers each engine allocates, as formulas of the options alone (never of model size).
+
+The plan reports these figures from headers only, and the engines allocate exactly what they say, so both read
+the same constants from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+# ------------------------------------------------------------------------------------------------ CPU engine
+# Output slots in flight between the compute thread and the writer thread: one being written, one being filled, one
+# spare to absorb jitter in write latency (each costs chunk_bytes of host memory).
+OUTPUT_SLOTS = 3
+# Sub-block of a chunk processed by one pass of torch ops: 1 Mi elements keep each fp32 temporary at 4 MiB, near
+# L2/L3, so the ~8 elementwise passes of the contract mostly run from cache (measured, 2-core dev machine, 64 Mi
+# bf16 elements: 64 Ki 286, 256 Ki 418, 1 Mi 493, 4 Mi 102 Melem/s; 4 Mi falls out of cache and into mmap-backed
+# allocations).
+SUB_BLOCK_ELEMS = 1024 * 1024
+# Compute workers by default: one core is left to the writer thread, whose pwrite (page-cache copy) and SHA-256 cost
+# about as much CPU as the merge math; beyond ~8 workers the elementwise math is bound by memory bandwidth.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 2) - 1))
+
+
+def output_slots(outputs: int = 1) -> int:
+    """Output slots for ``outputs`` outputs per pass. A sweep's chunk takes one slot per output at once; two chunks'
+    worth plus a spare let the next chunk be computed while the writer drains the previous one (with only one
+    chunk's worth the compute thread and the writer took turns: measured 32 s instead of ~20 s for a 3-alpha sweep
+    of 2 GB checkpoints on the 2-core machine)."""
+    return OUTPUT_SLOTS if outputs <= 1 else 2 * outputs + 1
+
+
+def scratch_buffers(outputs: int = 1, vectors: int = 1) -> int:
+    """float32 sub-block buffers per worker: two, plus one holding the widened target (or a widened minus) when a
+    chunk has several outputs or vectors (mixed-dtype torch ops cost ~4x a same-dtype one: widening once is cheaper)."""
+    return 2 if outputs <= 1 and vectors <= 1 else 3
+
+
+def host_buffer_bytes(chunk_bytes: int, workers: int | None = None, outputs: int = 1, vectors: int = 1) -> int:
+    """Anonymous memory the CPU engine allocates: output slots, plus per worker its fp32 sub-block buffers and the
+    temporaries of one sub-block's torch ops. Independent of tensor and model size."""
+    workers = workers or default_workers()
+    sub = min(SUB_BLOCK_ELEMS, max(1, chunk_bytes // 4))
+    return output_slots(outputs) * chunk_bytes + workers * (scratch_buffers(outputs, vectors) + 2) * sub * 4
+
+
+# ----------------------------------------------------------------------------------------------- CUDA engine
+# Device slots: 2 give the full three-stage overlap (H2D of chunk g+1, kernel of g and D2H of g-1 touch different
+# slots), and bound GPU memory to 2 x 4 x chunk_bytes (512 MiB at a 64 MiB chunk) whatever the model.
+DEFAULT_DEVICE_SLOTS = 2
+# Registration window: cudaHostRegister(ReadOnly) of cached pages took 0.11 s per 4 GiB on the H200 (docs/hardware.md),
+# ~7 ms per 256 MiB: short enough that the first window is ready almost at once and that pinned memory
+# stays ~1-2 GB (3 inputs x (read-ahead + in flight)); long enough that per-call driver overhead is noise.
+DEFAULT_WINDOW_BYTES = 256 * 2**20
+
+
+def device_memory_bytes(
+    chunk_bytes: int,
+    slots: int = DEFAULT_DEVICE_SLOTS,
+    check_finite: bool = False,
+    inputs: int = 3,
+    outputs: int = 1,
+) -> int:
+    """GPU memory the engine allocates: ``slots`` x (``inputs`` + ``outputs``) x chunk, independent of the model (the
+    three-way merge: 3 inputs, 1 output; a sweep: one output per alpha; several vectors: 1 + 2 per vector inputs plus a
+    float32 accumulator), plus, with ``check_finite``, the non-finite count's temporaries: bool masks of one chunk's
+    elements."""
+    slot = max(4, chunk_bytes // 4 * 4)
+    acc = 1 if inputs > 3 else 0
+    extra = 3 * (slot // 4) + 64 * outputs if check_finite else 0
+    return slots * (inputs + outputs + acc) * slot + extra
