@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from .checkpoint import INDEX_FILE
 from .errors import OutputError
@@ -29,6 +30,24 @@ STATE_IN_PROGRESS = "in-progress"
 STATE_COMPLETE = "complete"
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _HASH_READ = 8 * 2**20
+
+
+class Sink(Protocol):
+    """Where an engine sends output bytes: :class:`OutputWriter` (disk), :class:`NullWriter` (discard, optionally
+    hashing) and :class:`SweepWriter` (one writer per output of a sweep). Engines use only these members.
+
+    Chunks arrive at their final offsets. ``write(..., hashed=True)`` says the caller already fed the same bytes to
+    :meth:`digest` (in offset order, on a thread of its own); without it the sink hashes them itself.
+    """
+
+    done_files: set[int]  # files already complete (resume): no work for them
+    notes: list[str]
+
+    def write(self, file: int, offset: int, data, out: int | None = None, *, hashed: bool = False) -> None: ...
+
+    def digest(self, file: int, offset: int, data, out: int | None = None) -> None: ...
+
+    def finish_file(self, file: int) -> None: ...
 
 
 def human_bytes(n: float) -> str:
@@ -157,7 +176,6 @@ class OutputWriter:
         self.done_files: set[int] = set()  # finished before this run started (resume)
         self.notes: list[str] = []
         self.bytes_written = 0
-        self.external_digest = False
         self._created: set[int] = set()  # temporaries this run created (the only ones abort removes)
 
     # ------------------------------------------------------------------ setup
@@ -343,8 +361,9 @@ class OutputWriter:
             done += n
         return total
 
-    def write(self, file: int, offset: int, data, out: int | None = None) -> None:
-        """Write ``data`` (any buffer) at absolute ``offset`` of output file ``file`` (``out``: see `SweepWriter`)."""
+    def write(self, file: int, offset: int, data, out: int | None = None, *, hashed: bool = False) -> None:
+        """Write ``data`` (any buffer) at absolute ``offset`` of output file ``file`` (``out``: see `SweepWriter`).
+        ``hashed``: the caller already fed these bytes to :meth:`digest` (an engine hashing on another thread)."""
         fd = self._fds[file]
         if fd is None:
             raise OutputError(f"{self.plan.files[file].name}: written after it was finished (internal error)")
@@ -353,14 +372,14 @@ class OutputWriter:
         except OSError as e:
             raise self._write_error(self.plan.files[file].name, e) from None
         self.bytes_written += n
-        if not self.external_digest:
+        if not hashed:
             self.digest(file, offset, data)
 
     def digest(self, file: int, offset: int, data, out: int | None = None) -> None:
         """Feed ``data`` (about to be written at ``offset``) to the file's SHA-256. Chunks come in offset order, so
         the checksum is computed as the data passes; anything out of order makes ``finish_file`` re-read the file.
-        An engine may call this from its compute thread (``external_digest = True``) to keep the hashing off the
-        writer thread, which on small machines is the bottleneck."""
+        An engine may call this from its compute thread (then writing with ``hashed=True``) to keep the hashing off
+        the writer thread, which on small machines is the bottleneck."""
         n = memoryview(data).nbytes
         if self._sequential[file] and offset == self._cursor[file]:
             self._hash[file].update(data)
@@ -487,11 +506,9 @@ class NullWriter:
             if self._hash[i] is not None:
                 self._hash[i].update(f.header)
 
-    external_digest = False
-
-    def write(self, file: int, offset: int, data, out: int | None = None) -> None:
+    def write(self, file: int, offset: int, data, out: int | None = None, *, hashed: bool = False) -> None:
         self.bytes_written += memoryview(data).nbytes
-        if not self.external_digest:
+        if not hashed:
             self.digest(file, offset, data)
 
     def digest(self, file: int, offset: int, data, out: int | None = None) -> None:
@@ -545,15 +562,6 @@ class SweepWriter:
         return set.intersection(*(set(w.done_files) for w in self.writers))
 
     @property
-    def external_digest(self) -> bool:
-        return all(w.external_digest for w in self.writers)
-
-    @external_digest.setter
-    def external_digest(self, value: bool) -> None:
-        for w in self.writers:
-            w.external_digest = value
-
-    @property
     def notes(self) -> list[str]:
         return [n for w in self.writers for n in w.notes]
 
@@ -563,9 +571,9 @@ class SweepWriter:
             if file not in w.done_files:
                 yield k, w
 
-    def write(self, file: int, offset: int, data, out: int | None = None) -> None:
+    def write(self, file: int, offset: int, data, out: int | None = None, *, hashed: bool = False) -> None:
         for k, w in self._targets(file, out):
-            w.write(file, offset + self.delta[k][file], data)
+            w.write(file, offset + self.delta[k][file], data, hashed=hashed)
 
     def digest(self, file: int, offset: int, data, out: int | None = None) -> None:
         for k, w in self._targets(file, out):

@@ -560,11 +560,11 @@ def test_sim_engine_writer_failure_propagates_without_hanging(mixed_trio, tmp_pa
     calls = {"n": 0}
     real_write = OutputWriter.write
 
-    def flaky(self, file, offset, data, out=None):
+    def flaky(self, file, offset, data, out=None, **kw):
         calls["n"] += 1
         if calls["n"] == FAIL_AT:
             raise OutputError("disk went away (test)")
-        return real_write(self, file, offset, data)
+        return real_write(self, file, offset, data, **kw)
 
     monkeypatch.setattr(OutputWriter, "write", flaky)
     sim = ce.SimBackend(seed=4, kernel="reference")

@@ -23,7 +23,7 @@ from ..faults import crash_point
 from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor
-from ..writer import OutputWriter
+from ..writer import Sink
 from . import EngineStats, Progress, ProgressCounter
 
 # Chunks the prefetch thread may run ahead of the compute thread.
@@ -114,7 +114,7 @@ class CpuEngine:
         self,
         plan: MergePlan,
         ckpts: dict[str, Checkpoint],
-        writer: OutputWriter,
+        writer: Sink,
         progress: Callable[[Progress], None] | None = None,
     ) -> EngineStats:
         stats = EngineStats(device="cpu")
@@ -152,8 +152,8 @@ class CpuEngine:
         failure = _Failure()
         stop = threading.Event()
         t_target = ckpts.get("target")
-        # Hash output chunks on this (compute) thread, in output order: the writer thread only writes.
-        writer.external_digest = True
+        # Output chunks are hashed on this (compute) thread, in output order: the writer thread only writes
+        # (``hashed=True``).
         skip = writer.done_files
         total_bytes = work_bytes(plan, skip)
         total_tensors = sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
@@ -214,13 +214,15 @@ class CpuEngine:
                             for k, sid in enumerate(payload):
                                 data = slots[sid][: _out_bytes(t, item)]
                                 out = k if len(payload) > 1 else None
-                                writer.write(t.file, t.offset + _out_offset(t, item), data.numpy(), out=out)
+                                writer.write(
+                                    t.file, t.offset + _out_offset(t, item), data.numpy(), out=out, hashed=True
+                                )
                                 del data
                                 if k < len(payload) - 1:
                                     free_slots.put(sid)  # written: back to the compute thread at once
                                     payload[k] = -1
                         else:
-                            writer.write(t.file, t.offset + item.start, payload.numpy())
+                            writer.write(t.file, t.offset + item.start, payload.numpy(), hashed=True)
                             del payload
                         for ck, ref, a, b in refs(item):
                             ck.release(ref, a, b)

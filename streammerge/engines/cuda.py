@@ -1269,19 +1269,15 @@ class CudaEngine:
 
         # The output's SHA-256 is computed beside the pwrite rather than after it (hashlib and pwrite both release the
         # GIL): on the way to disk the writer thread is the critical path, and hashing ~2 GB/s on one core is as slow
-        # as the page-cache copy. Writers without ``digest`` hash inside ``write`` as before.
-        digest = getattr(writer, "digest", None)
-        hasher = ThreadPoolExecutor(1, thread_name_prefix="sm-digest") if digest is not None else None
-        if hasher is not None:
-            writer.external_digest = True
+        # as the page-cache copy. Every sink declares ``digest`` (the Sink protocol, writer.py).
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="sm-digest")
 
         def write_out(file: int, offset: int, data, out: int | None = None) -> None:
-            fut = hasher.submit(digest, file, offset, data, out) if hasher is not None else None
+            fut = hasher.submit(writer.digest, file, offset, data, out)
             try:
-                writer.write(file, offset, data, out=out)
+                writer.write(file, offset, data, out=out, hashed=True)
             finally:
-                if fut is not None:
-                    fut.result()  # in order: one hashing thread, and each chunk waits for its own digest
+                fut.result()  # in order: one hashing thread, and each chunk waits for its own digest
 
         def write_loop() -> None:
             be.bind_thread()  # events of this GPU are synchronised from here
