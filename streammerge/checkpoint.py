@@ -275,6 +275,11 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(r.nbytes for r in self.tensors.values())
 
+    def mapping(self, i: int) -> mmap.mmap:
+        """The read-only mapping of file ``i`` (mapped on first use; the size is checked when it is mapped). The CUDA
+        engine registers windows of it with the GPU; everyone else reads through :meth:`view`."""
+        return self._map(i)
+
     def _map(self, i: int) -> mmap.mmap:
         m = self._maps[i]
         if m is None:

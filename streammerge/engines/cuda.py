@@ -1207,7 +1207,7 @@ class CudaEngine:
         for srcs in sources:
             for s in srcs:
                 if s.key not in maps:
-                    m = ckpts[s.key[0]]._map(s.key[1])  # type: ignore[union-attr]
+                    m = ckpts[s.key[0]].mapping(s.key[1])  # type: ignore[union-attr]
                     maps[s.key] = m
                     # The mapping's address: a one-byte zero-copy view (ctypes cannot take a read-only buffer).
                     bases[s.key] = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
