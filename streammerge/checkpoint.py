@@ -13,6 +13,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .errors import CheckpointError, HeaderError, format_name_list
 from .format import Header, clip_repr, read_header_and_stat
@@ -56,6 +57,29 @@ class TensorRef:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+class TensorSource(Protocol):
+    """What planning reads from an input: its tensors by name and where they come from, from headers alone.
+
+    :class:`Checkpoint` (local files, mapped) satisfies it and can also be read from; ``hub.RemoteHeaders`` (a Hub
+    repository known only by its remote headers) satisfies it for planning only.
+    """
+
+    source: str  # what the user gave (path, or repo@commit), recorded as provenance
+    label: str  # the role in this merge ("target", "sft", ...), used in messages
+    root: Path | None  # the local directory holding it (None: nothing local)
+    files: list[Path]
+    tensors: dict[str, TensorRef]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of its first file (what `extract` records: ``streammerge_formula``)."""
+        ...
+
+    def aux_files(self) -> list[Path]: ...
+
+    def close(self) -> None: ...
 
 
 class Checkpoint:
@@ -120,7 +144,7 @@ class Checkpoint:
         self.files: list[Path] = files
         self.headers: list[Header] = []
         # Each file's fstat when its header was read: a change after that (a save still running) is caught before
-        # any output file is published (api.InputGuard).
+        # any output file is published (identity.InputGuard).
         self.file_stats: list[os.stat_result] = []
         self.tensors: dict[str, TensorRef] = {}
         owner: dict[str, Path] = {}
@@ -269,6 +293,10 @@ class Checkpoint:
                     continue
                 out.append(p)
         return out
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.headers[0].metadata) if self.headers else {}
 
     # ------------------------------------------------------------------ data access
     @property

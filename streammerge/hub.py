@@ -1,4 +1,4 @@
-"""Hugging Face Hub sources and push.
+"""Hugging Face Hub sources (resolve a repository id, or read its remote headers) and upload.
 
 A source that is not an existing local path and looks like ``org/name`` or ``org/name@revision`` is resolved with
 ``huggingface_hub.snapshot_download`` (only safetensors, JSON, tokenizer and chat-template files; never pickle
@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import TensorRef
+from .dtypes import DTYPE_BITS
 from .errors import CheckpointError, OutputError
 
 # Only what a merge reads or copies: weights in safetensors, index/config JSON, tokenizer and chat-template files.
@@ -98,21 +100,16 @@ def resolve(spec: str, label: str = "") -> HubSource:
 
 
 def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, commit_message: str | None = None) -> str:
-    """Upload a finished, verified streammerge output to the Hub (``HfApi.upload_folder``); returns the commit URL.
+    """Upload a streammerge output folder to the Hub (``HfApi.upload_folder``); returns the commit URL.
 
-    The output is verified (structure and recorded SHA-256 of every weight file) first: a partial or damaged
-    output is never uploaded. Hidden files (the manifest, temporaries) are not uploaded.
+    Only uploads: the caller decides whether the output may go (``run`` verifies it first, so a partial or damaged
+    output is never uploaded). Hidden files (the manifest, temporaries) are not uploaded.
 
     Raises:
-        [`OutputError`]: the output is incomplete or damaged, or the upload failed.
+        [`OutputError`]: the upload failed.
     """
     from huggingface_hub import HfApi
 
-    from .verify import verify
-
-    report = verify(out_dir)
-    if not report.ok:
-        raise OutputError(f"{out_dir}: not pushed, the output did not verify: {report.problems[0]}")
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -153,9 +150,6 @@ class RemoteHeaders:
         from huggingface_hub import get_safetensors_metadata
         from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
 
-        from .checkpoint import TensorRef
-        from .dtypes import DTYPE_BITS
-
         parsed = parse_repo_spec(spec)
         if parsed is None:
             raise CheckpointError(f"{spec}: not a Hub repository id")
@@ -172,13 +166,19 @@ class RemoteHeaders:
         self.root = None
         self.index_path = None
         self.files = [Path(name) for name in meta.files_metadata]
-        self.tensors: dict = {}
+        first = next(iter(meta.files_metadata.values()), None)
+        self._metadata: dict[str, str] = dict(first.metadata or {}) if first is not None else {}
+        self.tensors: dict[str, TensorRef] = {}
         for i, (fname, fm) in enumerate(meta.files_metadata.items()):
             for name, info in fm.tensors.items():
                 if info.dtype not in DTYPE_BITS:
                     raise CheckpointError(f"{who}{spec}/{fname}: tensor {name!r} has unknown dtype {info.dtype!r}")
                 begin, end = info.data_offsets
                 self.tensors[name] = TensorRef(name, info.dtype, tuple(info.shape), i, begin, end - begin)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
 
     def aux_files(self) -> list[Path]:
         return []

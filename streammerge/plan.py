@@ -133,7 +133,7 @@ class MergePlan:
         expected_peak_memory (`int`): the engine's buffers (host), from the chunk size.
     """
 
-    kind: str
+    kind: PlanKind
     options: MergeOptions
     sources: dict[str, str]
     files: list[OutFile]
@@ -165,7 +165,7 @@ class MergePlan:
 
     @property
     def formula(self) -> str:
-        if self.kind == "combine":
+        if self.kind is PlanKind.COMBINE:
             parts = [self.sources.get("target", "target")]
             for v in self.vectors:
                 diff = v["vector"] if "vector" in v else f"{v['grpo']} - {v['sft']}"
@@ -215,10 +215,10 @@ class MergePlan:
             "alpha": [v.options.alpha for v in self.variants]
             if self.variants
             else None
-            if self.kind == "combine"
+            if self.kind is PlanKind.COMBINE
             else self.options.alpha,
             "outputs": self.outputs,
-            **({"vectors": list(self.vectors)} if self.kind == "combine" else {}),
+            **({"vectors": list(self.vectors)} if self.kind is PlanKind.COMBINE else {}),
             "tensors": len(self.tensors),
             "parameters": self.parameters,
             "merged": self.merged,
@@ -243,11 +243,24 @@ def _shape_str(ref: TensorRef | None) -> str:
     return "absent" if ref is None else f"{ref.dtype}{list(ref.shape)}"
 
 
+class PlanKind(str, enum.Enum):
+    """What a plan computes. The value is what manifests record as ``options.kind`` (a str: JSON and comparisons with
+    manifest text work unchanged)."""
+
+    MERGE = "merge"  # target + alpha * (grpo - sft)
+    VECTOR = "vector"  # grpo - sft (extract)
+    APPLY = "apply"  # target + alpha * vector (a stored vector)
+    COMBINE = "combine"  # target + sum_i alpha_i * (grpo_i - sft_i)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 FORMULAS = {
-    "merge": "target + alpha * (grpo - sft)",
-    "vector": "grpo - sft",
-    "apply": "target + alpha * vector",
-    "combine": "target + sum_i alpha_i * (grpo_i - sft_i)",
+    PlanKind.MERGE: "target + alpha * (grpo - sft)",
+    PlanKind.VECTOR: "grpo - sft",
+    PlanKind.APPLY: "target + alpha * vector",
+    PlanKind.COMBINE: "target + sum_i alpha_i * (grpo_i - sft_i)",
 }
 
 
@@ -272,7 +285,7 @@ def build_plan(
     grpo: Checkpoint,
     options: MergeOptions,
     sources: dict[str, str] | None = None,
-    kind: str = "merge",
+    kind: PlanKind = PlanKind.MERGE,
 ) -> MergePlan:
     """Pair tensors and lay out the output. Raises `TensorMismatchError` listing every offending name.
 
@@ -280,8 +293,10 @@ def build_plan(
     non-floating tensors are copied); "apply" adds a stored vector (pass the vector as ``grpo``; ``sft`` is not
     read)."""
     sources = sources or {"target": target.source, "sft": sft.source, "grpo": grpo.source}  # type: ignore[union-attr]
-    minus = None if kind == "apply" else sft
-    vec = VectorInput("grpo", grpo, None if minus is None else "sft", minus, 1.0 if kind == "vector" else options.alpha)
+    minus = None if kind is PlanKind.APPLY else sft
+    vec = VectorInput(
+        "grpo", grpo, None if minus is None else "sft", minus, 1.0 if kind is PlanKind.VECTOR else options.alpha
+    )
     return build_vector_plan(target, [vec], options, sources, kind)
 
 
@@ -290,7 +305,7 @@ def build_vector_plan(
     vectors: list[VectorInput],
     options: MergeOptions,
     sources: dict[str, str],
-    kind: str = "combine",
+    kind: PlanKind = PlanKind.COMBINE,
 ) -> MergePlan:
     """Pair every target tensor with each vector's tensors and lay out ``target + sum_i alpha_i * (plus_i - minus_i)``.
 
@@ -304,7 +319,7 @@ def build_vector_plan(
     skipped: list[str] = []
 
     def copy(ref: TensorRef, reason: str) -> None:
-        if kind == "vector" and ref.dtype.startswith(("F", "BF", "C")):
+        if kind is PlanKind.VECTOR and ref.dtype.startswith(("F", "BF", "C")):
             # A vector holds differences: copying grpo's own weights in would be added to every target by apply.
             # Leave the tensor out; `apply --missing copy-target` then keeps the target's values for it.
             skipped.append(ref.name)
@@ -408,7 +423,7 @@ def build_vector_plan(
                 if j is not None:
                     rule_hits[keys[j]] += 1
                     alpha = v.rules[j].alpha
-            if kind == "vector":
+            if kind is PlanKind.VECTOR:
                 alpha = 1.0
             minus_ref = v.minus.tensors[ref.name] if v.minus is not None else None
             terms.append(Term(v.plus_role, v.plus.tensors[ref.name], v.minus_role, minus_ref, (float(alpha),)))
@@ -421,7 +436,7 @@ def build_vector_plan(
                 ref,
                 tuple(terms),
                 merge_elems=merge_elems,
-                base=kind != "vector",
+                base=kind is not PlanKind.VECTOR,
             )
         )
 
@@ -465,7 +480,7 @@ def build_vector_plan(
             f"{format_name_list(unsupported)}. Pass --unsupported-dtype copy-target to keep the target's values"
         )
     if problems:
-        if kind == "combine":
+        if kind is PlanKind.COMBINE:
             withs = ", ".join(f"{k} {v}" for k, v in sources.items() if k != "target")
             head = f"cannot pair target {sources['target']} with {withs}"
         else:
@@ -544,13 +559,13 @@ def sweep_plan(plans: list[MergePlan]) -> MergePlan:
     )
 
 
-def _printable(path: str) -> str:
+def printable(path: str) -> str:
     """A source path as valid UTF-8 for the header metadata (undecodable bytes become backslash escapes)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _layout(
-    out: list[OutTensor], options: MergeOptions, sources: dict[str, str], kind: str, vectors: list[dict]
+    out: list[OutTensor], options: MergeOptions, sources: dict[str, str], kind: PlanKind, vectors: list[dict]
 ) -> list[OutFile]:
     split = split_state_dict_into_shards_factory(
         {t.name: t for t in out},
@@ -559,22 +574,22 @@ def _layout(
         max_shard_size=options.max_shard_size,
     )
     by_name = {t.name: t for t in out}
-    if kind == "combine":
+    if kind is PlanKind.COMBINE:
         described = [
-            {k: (v if k in ("alpha", "rules") else _printable(sources[v])) for k, v in d.items()} for d in vectors
+            {k: (v if k in ("alpha", "rules") else printable(sources[v])) for k, v in d.items()} for d in vectors
         ]
         specific = {
             "streammerge_vectors": json.dumps(described, ensure_ascii=False),
             **({"streammerge_rules": "; ".join(r.describe() for r in options.rules)} if options.rules else {}),
-            "streammerge_target": _printable(sources["target"]),
+            "streammerge_target": printable(sources["target"]),
         }
     else:
         specific = {
-            **({} if kind == "vector" else {"streammerge_alpha": repr(float(options.alpha))}),
+            **({} if kind is PlanKind.VECTOR else {"streammerge_alpha": repr(float(options.alpha))}),
             **({"streammerge_rules": "; ".join(r.describe() for r in options.rules)} if options.rules else {}),
-            "streammerge_target": _printable(sources["target"]),
-            "streammerge_sft": _printable(sources["sft"]),
-            "streammerge_grpo": _printable(sources["grpo"]),
+            "streammerge_target": printable(sources["target"]),
+            "streammerge_sft": printable(sources["sft"]),
+            "streammerge_grpo": printable(sources["grpo"]),
         }
     metadata = {
         "format": "pt",

@@ -8,16 +8,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .api import _open_all
+from . import recipes
+from .budget import SUB_BLOCK_ELEMS
 from .checkpoint import Checkpoint
 from .dtypes import DTYPE_BITS
 from .engines import Progress
 from .errors import StreamMergeError
 from .format import read_header
 from .options import MergeOptions
-from .plan import Op, build_plan
+from .plan import Op, PlanKind
+from .sources import close_all
 from .writer import STATE_COMPLETE, read_manifest, sha256_file
 
 
@@ -168,8 +168,10 @@ def _recompute(
     spec=None,
     progress: Callable[[Progress], None] | None = None,
 ) -> None:
+    import torch  # recomputing needs the engine's math; checking checksums alone does not
+
     from .engines import EngineStats
-    from .engines.cpu import SUB_BLOCK_ELEMS, CpuEngine, iter_work
+    from .engines.cpu import CpuEngine, iter_work
     from .options import Rule
 
     o = manifest.get("options", {})
@@ -189,29 +191,20 @@ def _recompute(
         chunk_bytes="4MiB",
     )
     outs: dict[int, Checkpoint] = {}
-    opened = {}
+    sources = manifest.get("sources")
     if spec is not None:
-        from .api import _spec_plan
         from .spec import load_spec
 
-        plan, ckpts = _spec_plan(load_spec(spec), opts)
-        opened = ckpts
-    elif kind == "apply":
-        from .api import _apply_plan
-
+        job = recipes.combine(load_spec(spec), opts)
+    elif kind == PlanKind.APPLY:
         # The vector is the one given: any difference from the one used shows as a layout or byte mismatch.
-        plan, ckpts, opened = _apply_plan(
-            inputs["target"], inputs["vector"], [opts.alpha], opts, any_vector=True, sources=manifest.get("sources")
-        )
-    elif kind == "vector":
-        from .api import _extract_plan
-
-        plan, ckpts, opened = _extract_plan(inputs["sft"], inputs["grpo"], opts, sources=manifest.get("sources"))
+        job = recipes.apply(inputs["target"], inputs["vector"], [opts.alpha], opts, any_vector=True, sources=sources)
+    elif kind == PlanKind.VECTOR:
+        job = recipes.extract(inputs["sft"], inputs["grpo"], opts, sources=sources)
     else:
-        opened = ckpts = _open_all(inputs["target"], inputs["sft"], inputs["grpo"])
+        job = recipes.trio(inputs["target"], inputs["sft"], inputs["grpo"], opts, sources=sources)
+    plan, ckpts = job.plan, job.inputs
     try:
-        if kind == "merge":
-            plan = build_plan(ckpts["target"], ckpts["sft"], ckpts["grpo"], opts, sources=manifest.get("sources"))
         for i, f in enumerate(plan.files):
             path = out_dir / f.name
             if not path.is_file():
@@ -271,8 +264,8 @@ def _recompute(
                 )
                 return
     finally:
-        for c in {id(c): c for c in (*opened.values(), *outs.values()) if c is not None}.values():
-            c.close()
+        job.close()
+        close_all(outs.values())
 
 
 def _out_bytes(item) -> int:

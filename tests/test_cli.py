@@ -169,10 +169,10 @@ def test_demo_runs(tmp_path):
 
 
 def test_gpu_options_reach_the_cuda_engine():
-    from streammerge.api import _cuda_engine
     from streammerge.options import MergeOptions
+    from streammerge.run import cuda_engine
 
-    e = _cuda_engine(MergeOptions.create(gpu_window_bytes="64MiB", gpu_register=False, gpu_slots=3))
+    e = cuda_engine(MergeOptions.create(gpu_window_bytes="64MiB", gpu_register=False, gpu_slots=3))
     assert (e.window_bytes, e.register_windows, e.slots) == (64 * 2**20, False, 3)
     r = _invoke("merge", "a", "b", "c", "-o", "x", "--gpu-slots", "0")
     assert r.exit_code == 1 and "GPU slots" in r.output

@@ -38,7 +38,7 @@ from reference import hostile_values  # noqa: E402
 from streammerge.kernels.reference import round_from_f32_exact  # noqa: E402
 
 import streammerge  # noqa: E402
-from streammerge import api  # noqa: E402
+from streammerge import run  # noqa: E402
 from streammerge.budget import device_memory_bytes  # noqa: E402
 from streammerge.engines import cuda as ce  # noqa: E402
 from streammerge.errors import EngineError, NonFiniteError, OptionsError, OutputError  # noqa: E402
@@ -276,7 +276,7 @@ def cpu_outputs(mixed_trio, tmp_path_factory) -> dict[str, dict[str, str]]:
 
 
 def _with_engine(monkeypatch, engine) -> None:
-    monkeypatch.setattr(api, "select_engine", lambda device, threads=None, opts=None: (engine, f"{engine.name} (test)"))
+    monkeypatch.setattr(run, "select_engine", lambda device, threads=None, opts=None: (engine, f"{engine.name} (test)"))
 
 
 def _check_sim_clean(sim: ce.SimBackend, stats_notes: list[str]) -> None:

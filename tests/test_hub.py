@@ -16,6 +16,7 @@ from conftest import load_all, make_related, write_checkpoint
 import streammerge
 from streammerge import hub
 from streammerge.errors import CheckpointError, OutputError
+from streammerge.run import push_verified
 
 
 def _lay_out_cache(cache: Path, repo_id: str, src: Path, commit: str, ref: str = "main") -> Path:
@@ -133,7 +134,7 @@ def test_push_uploads_only_a_verified_output(small_trio, tmp_path, monkeypatch):
     f = out / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1] + b"\x00")
     with pytest.raises(OutputError, match="did not verify"):
-        hub.push(out, "me/merged")
+        push_verified(out, "me/merged")
     assert calls == []
     manifest = json.loads((out / ".streammerge.json").read_text())
     assert manifest["state"] == "complete"

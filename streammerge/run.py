@@ -1,0 +1,248 @@
+"""Orchestration: run one planned job end to end — engine choice, sinks, input guard, finalize, verify and push."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .card import model_card
+from .engines import EngineStats, Progress
+from .errors import EngineError, OptionsError, OutputError
+from .faults import crash_point
+from .identity import InputGuard, input_identity, merge_identity
+from .memory import available_memory
+from .options import MergeOptions
+from .outdir import check_output_paths, earlier_sweep_outputs, refuse_sweep_over_single
+from .plan import check_disk_space
+from .recipes import Planned, sweep_dirname
+from .verify import verify
+from .writer import NullWriter, OutputWriter, SweepWriter
+
+ProgressCallback = Callable[[Progress], None]
+SINKS = ("disk", "null", "null-sha256")
+
+
+@dataclass
+class MergeReport:
+    """What a merge did and measured.
+
+    Attributes:
+        out_dir (`str`): the output directory.
+        device (`str`): the engine that ran ("cpu" or "cuda").
+        tensors_merged / tensors_copied (`int`): blended tensors / tensors taken from the target.
+        copied_reasons (`dict[str, int]`): why tensors were copied (non-floating, policies).
+        bytes_read / bytes_written (`int`): input bytes read and output bytes written.
+        seconds (`float`): wall time of the whole merge, planning included.
+        gbps (`float`): (bytes_read + bytes_written) / seconds / 1e9.
+        peak_rss_anon (`int`): peak anonymous resident memory of the process during the merge (bytes).
+        peak_gpu_memory (`int`): peak GPU allocation (bytes, 0 on the CPU engine).
+        output_files (`list[str]`): the files written, weights first.
+        nonfinite (`dict[str, int]`): with ``check_finite``, elements per tensor that became NaN/inf from finite
+            inputs.
+        shard_sha256 (`dict[str, str]`): SHA-256 of every weight file (also in the manifest).
+        resumed_shards (`int`): shards kept from an interrupted run (``resume=True``).
+    """
+
+    out_dir: str
+    device: str
+    tensors_merged: int
+    tensors_copied: int
+    copied_reasons: dict[str, int]
+    ignored_extra: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    gbps: float
+    peak_rss_anon: int
+    peak_gpu_memory: int
+    output_files: list[str]
+    warnings: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    shard_sha256: dict[str, str] = field(default_factory=dict)
+    resumed_shards: int = 0
+    pushed: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything :func:`run` needs besides the planned job: where the output goes and how to run.
+
+    Attributes:
+        out_dir (`Path | None`): the output directory (None only with a null sink).
+        options (`MergeOptions`): the options the plan was built with (engine choice, threads, overwrite).
+        started (`float`): ``time.perf_counter()`` when the call began (planning counts in the wall time).
+        progress (*optional*): the progress callback.
+        resume (`bool`): keep verified shards of an interrupted run of the same job.
+        sink (`str`): "disk", "null" (compute, discard) or "null-sha256" (discard, report SHA-256s).
+        push_to (`str | None`): a Hub repository to upload the finished, verified output to.
+        private (`bool`): create the pushed repository as private.
+    """
+
+    out_dir: Path | None
+    options: MergeOptions
+    started: float
+    progress: ProgressCallback | None = None
+    resume: bool = False
+    sink: str = "disk"
+    push_to: str | None = None
+    private: bool = False
+
+
+def refuse_push_for_sweep(push_to: str | None) -> None:
+    """A sweep writes one output per alpha; ``--push-to`` uploads one: refused before anything runs."""
+    if push_to:
+        raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep")
+
+
+def cuda_usable() -> tuple[bool, str]:
+    """Whether the CUDA engine can run here, and if not, why (imports torch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU available"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    try:
+        from .engines import cuda  # noqa: F401
+    except ImportError as e:
+        return False, f"the CUDA engine is unavailable ({e})"
+    return True, ""
+
+
+def cuda_engine(opts: MergeOptions | None):
+    """The CUDA engine configured by the GPU options (``gpu_window_bytes``, ``gpu_register``, ``gpu_slots``)."""
+    from .budget import DEFAULT_WINDOW_BYTES
+    from .engines.cuda import CudaEngine
+
+    if opts is None:
+        return CudaEngine()
+    return CudaEngine(
+        window_bytes=opts.gpu_window_bytes or DEFAULT_WINDOW_BYTES,
+        register_windows=opts.gpu_register,
+        slots=opts.gpu_slots,
+    )
+
+
+def select_engine(device: str, threads: int | None = None, opts: MergeOptions | None = None):
+    """The engine for ``device`` ("auto", "cpu", "cuda") and a note saying why it was chosen."""
+    if device == "cpu":
+        from .engines.cpu import CpuEngine
+
+        return CpuEngine(threads), "cpu (requested)"
+    cuda_ok, why = cuda_usable()
+    if device == "cuda":
+        if not cuda_ok:
+            raise EngineError(f"--device cuda: {why}; use --device cpu or auto")
+        return cuda_engine(opts), "cuda (requested)"
+    if cuda_ok:
+        return cuda_engine(opts), "cuda (auto: GPU and triton found)"
+    from .engines.cpu import CpuEngine
+
+    return CpuEngine(threads), f"cpu (auto: {why})"
+
+
+def run(job: Planned, req: RunRequest) -> list[MergeReport]:
+    """Run a planned job: pick the engine, open the writer(s) (or the null sink), finalize, optionally verify and
+    push; a report per output (one, or one per alpha of a sweep, each in ``out_dir/alpha-A``)."""
+    p, ckpts, opts, sink = job.plan, job.inputs, req.options, req.sink
+    if sink not in SINKS:
+        raise OptionsError(f"sink: {sink!r} is not disk, null or null-sha256")
+    if sink == "disk" and req.out_dir is None:
+        raise OptionsError("an output directory is needed (or sink='null')")
+    out_dir = req.out_dir if req.out_dir is not None else Path("(null sink)")
+    plans = p.variants or [p]
+    dirs = [out_dir / sweep_dirname(vp.options.alpha) for vp in p.variants] if p.variants else [out_dir]
+    if p.variants:
+        refuse_push_for_sweep(req.push_to)
+    if sink == "disk":
+        if p.variants:
+            refuse_sweep_over_single(out_dir)
+        for d in dirs:
+            check_output_paths(d, ckpts)
+        check_disk_space(p, out_dir)
+    engine, engine_note = select_engine(opts.device, opts.threads, opts)
+    available = available_memory()
+    if available is not None and p.bytes_read > available // 2:
+        for ck in ckpts.values():
+            if ck is not None:
+                ck.drop_cache = True
+    guard = InputGuard(ckpts)  # before the identity: a change after either is caught
+    inputs = input_identity(ckpts)  # headers hashed once for every output of a sweep
+    identities = [merge_identity(vp, ckpts, inputs) for vp in plans]
+    crash_point("planned")
+    with contextlib.ExitStack() as stack:
+        if sink == "disk":
+            writers = [
+                OutputWriter(d, vp, ident, resume=req.resume, before_publish=guard.check)
+                for d, vp, ident in zip(dirs, plans, identities)
+            ]
+            for w in writers:
+                w.preflight()  # every output is checked before any is touched
+            writers = [stack.enter_context(w) for w in writers]
+        else:
+            writers = [stack.enter_context(NullWriter(vp, checksums=sink == "null-sha256")) for vp in plans]
+        writer = SweepWriter(p, writers) if p.variants else writers[0]
+        stats: EngineStats = engine.run(p, ckpts, writer, req.progress)
+        files = []
+        for vp, w in zip(plans, writers):
+            small = {path.name: path.read_bytes() for path in vp.aux_files}
+            small["README.md"] = model_card(vp).encode()
+            files.append(w.finalize(small))
+    root_notes = earlier_sweep_outputs(out_dir, dirs, opts.overwrite, ckpts) if p.variants and sink == "disk" else []
+    seconds = time.perf_counter() - req.started
+    moved = stats.bytes_read + stats.bytes_written
+    pushed = ""
+    if req.push_to and sink == "disk":
+        pushed = push_verified(out_dir, req.push_to, private=req.private, commit_message=f"streammerge: {p.formula}")
+    reports = []
+    for k, (d, vp, w) in enumerate(zip(dirs, plans, writers)):
+        notes = [f"sweep: output {k + 1} of {len(plans)} from one pass over the inputs"] if p.variants else []
+        notes += root_notes if k == 0 else []
+        reports.append(
+            MergeReport(
+                out_dir=str(d) if sink == "disk" or p.variants else str(out_dir),
+                device=engine.name,
+                tensors_merged=vp.merged,
+                tensors_copied=vp.copied,
+                copied_reasons=dict(vp.copied_reasons),
+                ignored_extra=len(vp.ignored_extra),
+                bytes_read=stats.bytes_read,
+                bytes_written=w.bytes_written if p.variants else stats.bytes_written,
+                seconds=seconds,
+                gbps=moved / seconds / 1e9 if seconds > 0 else 0.0,
+                peak_rss_anon=stats.peak_rss_anon,
+                peak_gpu_memory=stats.peak_gpu_memory,
+                output_files=files[k],
+                warnings=list(p.warnings) + w.notes + notes + [f"engine: {engine_note}"] + stats.notes,
+                stage_seconds=dict(stats.stage_seconds),
+                nonfinite=stats.nonfinite_of(k) if p.variants else dict(stats.nonfinite),
+                shard_sha256={name: v["sha256"] for name, v in w.shards.items()},
+                resumed_shards=len(w.done_files),
+                pushed=pushed,
+            )
+        )
+    return reports
+
+
+def push_verified(out_dir: Path, repo_id: str, *, private: bool = False, commit_message: str | None = None) -> str:
+    """Verify a finished output (structure and the SHA-256 of every weight file), then upload it with
+    :func:`hub.push`: a partial or damaged output is never pushed. Returns the commit URL.
+
+    Raises:
+        [`OutputError`]: the output did not verify, or the upload failed.
+    """
+    from . import hub
+
+    report = verify(out_dir)
+    if not report.ok:
+        raise OutputError(f"{out_dir}: not pushed, the output did not verify: {report.problems[0]}")
+    return hub.push(out_dir, repo_id, private=private, commit_message=commit_message)
