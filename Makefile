@@ -20,9 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
+# ruff, then the layer contract (import-linter, pyproject.toml) and the static-graph checks it cannot make.
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())" --no-cache
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 format:
 	$(PYTHON) -m ruff format .

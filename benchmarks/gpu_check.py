@@ -443,6 +443,7 @@ def step_kernel(state: dict) -> dict:
     import numpy as np
     import torch
     import triton
+
     from streammerge.kernels import triton_merge as tm
 
     n = SIZES[state["size"]]["kernel_elems"]

@@ -35,7 +35,6 @@ if not CUDA:
 # tests/ is on sys.path (pytest's prepend import mode): conftest.py and reference.py are importable.
 from conftest import TORCH, from_bits, load_all, raw_bits, write_checkpoint  # noqa: E402
 from reference import hostile_values  # noqa: E402
-from streammerge.kernels.reference import round_from_f32_exact  # noqa: E402
 
 import streammerge  # noqa: E402
 from streammerge import run  # noqa: E402
@@ -43,6 +42,7 @@ from streammerge.budget import device_memory_bytes  # noqa: E402
 from streammerge.engines import cuda as ce  # noqa: E402
 from streammerge.errors import EngineError, NonFiniteError, OptionsError, OutputError  # noqa: E402
 from streammerge.format import build_header  # noqa: E402
+from streammerge.kernels.reference import round_from_f32_exact  # noqa: E402
 
 try:
     from streammerge.kernels import triton_merge as tm
