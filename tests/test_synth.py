@@ -431,7 +431,7 @@ def test_build_header_matches_save_file_for_mixed_dtypes(tmp_path: Path) -> None
     }
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     codes = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
-    header, data_size = synth.build_header(
+    header, data_size = synth.save_file_header(
         [(n, codes[t.dtype], tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"}
     )
     assert header + bytes(data_size) == (tmp_path / "ref.safetensors").read_bytes()
@@ -491,3 +491,24 @@ def test_sparse_70b_trio_costs_no_disk(tmp_path: Path) -> None:
         assert params == layout_num_params("llama3-70b") == pytest.approx(70.5e9, rel=0.01)
     assert len(set(counts)) == 3  # 5 GB, 2 GB and 10 GB shards
     assert json.loads((trio.target / "config.json").read_text())["num_hidden_layers"] == 80
+
+
+# ------------------------------------------------------------------------------------------------ package
+
+
+# Every public name of synth.py before it became a package: `streammerge.synth.X` keeps working for each.
+SINGLE_MODULE_NAMES = (
+    "CHUNK_ELEMENTS DEFAULT_NOISE GRPO_SHARD_MAX_BYTES INDEX_NAME LAYOUTS Layout NoiseScales ROLES SAFETENSORS_NAME "
+    "SFT_SHARD_MAX_BYTES SINGLE_FILE_MAX_BYTES SPARSE_SHARD_BYTES Trio build_header get_layout layers_for_size "
+    "layout_config layout_nbytes layout_num_params layout_tensors make_checkpoint make_sparse_checkpoint "
+    "make_sparse_trio make_trio plan_shards"
+).split()
+
+
+def test_every_name_of_the_single_module_synth_still_resolves() -> None:
+    missing = [name for name in SINGLE_MODULE_NAMES if name not in vars(synth)]
+    assert not missing, f"streammerge.synth lost {missing}"
+    assert set(synth.__all__) <= set(vars(synth))
+    assert synth.build_header is synth.save_file_header  # renamed: streammerge.format.build_header is another thing
+    assert (synth.SAFETENSORS_NAME, synth.INDEX_NAME) == ("model.safetensors", "model.safetensors.index.json")
+    assert synth.Trio.under("/r") == synth.Trio(Path("/r/target"), Path("/r/sft"), Path("/r/grpo"))
