@@ -38,10 +38,10 @@ DISK_HEADROOM_BYTES = 5_000_000_000
 def parse_size(text: str) -> int:
     """``"0.5GB"`` -> 500000000 (decimal units as huggingface_hub; KiB/MiB/GiB binary): streammerge's own parser."""
     from streammerge.errors import OptionsError
-    from streammerge.options import parse_size as _parse
+    from streammerge.options import parse_size as parse_option_size
 
     try:
-        return _parse(text, "size")
+        return parse_option_size(text, "size")
     except OptionsError:
         raise ValueError(f"cannot read size {text!r}; use e.g. 500MB, 2GB, 8GB or 4GiB") from None
 
@@ -82,8 +82,7 @@ class TrioInfo:
 
     @property
     def trio(self) -> synth.Trio:
-        root = Path(self.root)
-        return synth.Trio(root / "target", root / "sft", root / "grpo")
+        return synth.Trio.under(self.root)
 
     @property
     def bytes_moved(self) -> int:
@@ -141,7 +140,7 @@ def ensure_trio(workdir: Path, label: str, *, layout: str | None = None, seed: i
             f"note: {label} asked for, {checkpoint_bytes / 1e9:.3f} GB made: {name}'s fixed tensors and layer size "
             "allow no closer fit (give --layout to choose another)"
         )
-    trio = synth.Trio(root / "target", root / "sft", root / "grpo")
+    trio = synth.Trio.under(root)
     files = [f for d in trio for f in safetensors_files(d)]
     return TrioInfo(
         label=label,

@@ -33,6 +33,8 @@ COMPARE_BLOCK_ELEMS = 1 << 23
 # Names of mismatching tensors kept in a result (the counts cover all).
 MAX_NAMES = 10
 
+# The dtype facts below are deliberately independent of streammerge.dtypes: this module checks streammerge's output,
+# so it must not share a table (or a mistake in one) with the code under test. Keep them written out here.
 ITEMSIZE = {
     "BOOL": 1,
     "U8": 1,

@@ -208,6 +208,70 @@ def test_tiny_target_bytes_are_pinned(trio: synth.Trio) -> None:
     assert digest == GOLDEN_TINY_TARGET_SHA256, "synthetic values changed (code change, or not portable here?)"
 
 
+# sha256 of every file of generated checkpoints, recorded on main at 83e3cac before synth.py became a package: a
+# refactor of the generator must not change one byte of any file (weights, index, config, tokenizer files).
+GOLDEN_TINY_TRIO_SHA256 = {
+    "grpo/config.json": "86325dc690b2540f182c664725d2c6938c87aa8bd7375da50535c36d733631b4",
+    "grpo/generation_config.json": "0af86e16ddc48c604fb713f67f8a20b707e3d07c155b0fff67d402482edc96ca",
+    "grpo/model-00001-of-00003.safetensors": "917618b5051b624996eb30188cfe059f1371b2ce63276f76f874f0a7144d62ed",
+    "grpo/model-00002-of-00003.safetensors": "0b0c10fe144aeefb871138aaee4a259354f270883be16ad4c3bd210fa7c1ae9f",
+    "grpo/model-00003-of-00003.safetensors": "f448984a313476f582d1a0aa0cbd1d821d7ae903f48bec29324b75586efffa07",
+    "grpo/model.safetensors.index.json": "b1b728d644137a996c0916b99da845a48e59861bfd94965f855238763088a015",
+    "grpo/tokenizer.json": "6282cedf3da9633b70e4da9a7d68c8817f6abd243a9da0e18f80a64164af905e",
+    "grpo/tokenizer_config.json": "4cc74481e66aa4fb28d8d3fab4f4793ae5100168aea23be69cc443a246403322",
+    "sft/config.json": "86325dc690b2540f182c664725d2c6938c87aa8bd7375da50535c36d733631b4",
+    "sft/generation_config.json": "0af86e16ddc48c604fb713f67f8a20b707e3d07c155b0fff67d402482edc96ca",
+    "sft/model-00001-of-00004.safetensors": "501b6b4bc7767f4809ec508d1864d4da352c7cfc3824265b5565c69ac61aba92",
+    "sft/model-00002-of-00004.safetensors": "a4bfc52de8e62c403f51ac287b7fd2a6ba2db619ec3e34cc613ed6529608eb39",
+    "sft/model-00003-of-00004.safetensors": "cf7ff052219fa23994e9f8ed0f9e874e469299dee11fd3e0a0a6c2b0d218aff2",
+    "sft/model-00004-of-00004.safetensors": "9e8264e6085b495c8e50e9a924d8af2c0ac866a712daa5887062da47f68cf173",
+    "sft/model.safetensors.index.json": "e63af1143902eb4b852342c4e0967a7db54be8b05c39b25725d6517912fd795f",
+    "sft/tokenizer.json": "6282cedf3da9633b70e4da9a7d68c8817f6abd243a9da0e18f80a64164af905e",
+    "sft/tokenizer_config.json": "4cc74481e66aa4fb28d8d3fab4f4793ae5100168aea23be69cc443a246403322",
+    "target/config.json": "86325dc690b2540f182c664725d2c6938c87aa8bd7375da50535c36d733631b4",
+    "target/generation_config.json": "0af86e16ddc48c604fb713f67f8a20b707e3d07c155b0fff67d402482edc96ca",
+    "target/model.safetensors": GOLDEN_TINY_TARGET_SHA256,
+    "target/tokenizer.json": "6282cedf3da9633b70e4da9a7d68c8817f6abd243a9da0e18f80a64164af905e",
+    "target/tokenizer_config.json": "4cc74481e66aa4fb28d8d3fab4f4793ae5100168aea23be69cc443a246403322",
+}
+
+
+def _tree_sha256(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _combined_sha256(root: Path) -> str:
+    return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in _tree_sha256(root).items()).encode()).hexdigest()
+
+
+def test_tiny_trio_bytes_are_pinned_file_by_file(trio: synth.Trio) -> None:
+    assert _tree_sha256(trio.target.parent) == GOLDEN_TINY_TRIO_SHA256
+
+
+def test_other_generated_checkpoints_are_pinned(tmp_path: Path) -> None:
+    # Each case covers what the tiny trio does not: F16 / F32, another seed, the llama layout and its tokenizer,
+    # the base role, a tensor of several chunks, string shard caps, the sparse writer. Combined digests over every
+    # file of the tree, recorded on main at 83e3cac with the code as it was then.
+    small_llama = get_layout(
+        "llama3-8b", num_layers=1, hidden_size=128, intermediate_size=256, vocab_size=1000, num_heads=4, num_kv_heads=2
+    )
+    make_trio(tmp_path / "llama", small_llama, seed=7, dtype="F16", shard_sizes=(None, 100_000, "150KB"), threads=2)
+    make_checkpoint(tmp_path / "base32", role="base", seed=5, dtype="F32", num_layers=1, max_shard_bytes=60_000)
+    multi_chunk = get_layout("tiny-qwen2", vocab_size=40_000, num_layers=0)
+    make_checkpoint(tmp_path / "multi", multi_chunk, role="grpo", seed=2)
+    make_sparse_trio(tmp_path / "sparse", "tiny-qwen2", shard_sizes=(None, 100_000, "300KB"))
+    assert {name: _combined_sha256(tmp_path / name) for name in ("llama", "base32", "multi", "sparse")} == {
+        "llama": "9b53048b9e19d0d346f15dcbf5b7234612591651129f7702a11c6314d4b8b9d9",
+        "base32": "61cbc5e6a21ca41e3a962e750999d6b204a0159c73819b66b117ca30b2375f13",
+        "multi": "5487e8ca370e6f5407ac1a798b12bf53c455c3d7b3352026e0c403e5e74468ce",
+        "sparse": "ba002633693f74c66aa8a996b7ee1bcd9cf34f1322d161b2ba762e5fc214f460",
+    }
+
+
 def test_each_role_is_generated_independently_of_sharding_and_order(tmp_path: Path, trio: synth.Trio) -> None:
     grpo_alone = make_checkpoint(tmp_path / "grpo", "tiny-qwen2", role="grpo", seed=0, threads=1)
     assert sorted(os.listdir(grpo_alone)) == sorted(os.listdir(trio.target))  # one file, unlike the trio's grpo
@@ -367,7 +431,7 @@ def test_build_header_matches_save_file_for_mixed_dtypes(tmp_path: Path) -> None
     }
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     codes = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
-    header, data_size = synth.build_header(
+    header, data_size = synth.save_file_header(
         [(n, codes[t.dtype], tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"}
     )
     assert header + bytes(data_size) == (tmp_path / "ref.safetensors").read_bytes()
@@ -427,3 +491,24 @@ def test_sparse_70b_trio_costs_no_disk(tmp_path: Path) -> None:
         assert params == layout_num_params("llama3-70b") == pytest.approx(70.5e9, rel=0.01)
     assert len(set(counts)) == 3  # 5 GB, 2 GB and 10 GB shards
     assert json.loads((trio.target / "config.json").read_text())["num_hidden_layers"] == 80
+
+
+# ------------------------------------------------------------------------------------------------ package
+
+
+# Every public name of synth.py before it became a package: `streammerge.synth.X` keeps working for each.
+SINGLE_MODULE_NAMES = (
+    "CHUNK_ELEMENTS DEFAULT_NOISE GRPO_SHARD_MAX_BYTES INDEX_NAME LAYOUTS Layout NoiseScales ROLES SAFETENSORS_NAME "
+    "SFT_SHARD_MAX_BYTES SINGLE_FILE_MAX_BYTES SPARSE_SHARD_BYTES Trio build_header get_layout layers_for_size "
+    "layout_config layout_nbytes layout_num_params layout_tensors make_checkpoint make_sparse_checkpoint "
+    "make_sparse_trio make_trio plan_shards"
+).split()
+
+
+def test_every_name_of_the_single_module_synth_still_resolves() -> None:
+    missing = [name for name in SINGLE_MODULE_NAMES if name not in vars(synth)]
+    assert not missing, f"streammerge.synth lost {missing}"
+    assert set(synth.__all__) <= set(vars(synth))
+    assert synth.build_header is synth.save_file_header  # renamed: streammerge.format.build_header is another thing
+    assert (synth.SAFETENSORS_NAME, synth.INDEX_NAME) == ("model.safetensors", "model.safetensors.index.json")
+    assert synth.Trio.under("/r") == synth.Trio(Path("/r/target"), Path("/r/sft"), Path("/r/grpo"))
