@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_related, tree_digest, write_checkpoint
+from helpers import make_related, streammerge_cmd, tree_digest, write_checkpoint
 
 import streammerge
 
@@ -42,11 +42,7 @@ def _visible(out: Path) -> dict[str, str]:
 
 def _cmd(dirs, out, *extra):
     return [
-        sys.executable,
-        "-m",
-        "streammerge",
-        "merge",
-        *map(str, dirs),
+        *streammerge_cmd("merge", *dirs),
         "-o",
         str(out),
         "--device",

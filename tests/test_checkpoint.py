@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 
 from streammerge.checkpoint import Checkpoint
 from streammerge.errors import CheckpointError, HeaderError

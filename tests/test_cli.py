@@ -9,7 +9,7 @@ import sys
 import time
 
 import torch
-from conftest import load_all, make_related, write_checkpoint
+from helpers import load_all, make_related, write_checkpoint
 from typer.testing import CliRunner
 
 from streammerge.cli import app

@@ -33,7 +33,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # tests/ is on sys.path (pytest's prepend import mode): conftest.py and reference.py are importable.
-from conftest import TORCH, from_bits, load_all, raw_bits, write_checkpoint  # noqa: E402
+from helpers import TORCH, from_bits, load_all, raw_bits, write_checkpoint  # noqa: E402
 from reference import hostile_values  # noqa: E402
 
 import streammerge  # noqa: E402

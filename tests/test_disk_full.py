@@ -7,13 +7,12 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import make_related, tree_digest, write_checkpoint
+from helpers import make_related, streammerge_cmd, tree_digest, write_checkpoint
 
 import streammerge
 
@@ -32,11 +31,7 @@ def trio(tmp_path_factory):
 
 def _cmd(dirs, out, *extra):
     return [
-        sys.executable,
-        "-m",
-        "streammerge",
-        "merge",
-        *map(str, dirs),
+        *streammerge_cmd("merge", *dirs),
         "-o",
         str(out),
         "--device",
@@ -92,7 +87,7 @@ def test_small_filesystem_plan_warns_merge_fails_then_resume(trio, small_fs):
     dirs, ref = trio
     out = small_fs / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "streammerge", "plan", *map(str, dirs), "-o", str(out), "--max-shard-size", "4MB"],
+        [*streammerge_cmd("plan", *dirs), "-o", str(out), "--max-shard-size", "4MB"],
         capture_output=True,
         text=True,
     )

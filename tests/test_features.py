@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TORCH, from_bits, load_all, make_related, raw_bits, write_checkpoint
+from helpers import TORCH, from_bits, load_all, make_related, raw_bits, write_checkpoint
 from reference import expected_bits, hostile_values, round_bf16_bits, widen
 from typer.testing import CliRunner
 

@@ -18,7 +18,6 @@ import signal
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_related, raw_bits, tree_digest, write_checkpoint
+from helpers import make_related, raw_bits, streammerge_cmd, tree_digest, write_checkpoint
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reference import expected_bits
@@ -708,7 +707,7 @@ def test_hostile_input_subprocess(small_trio, tmp_path):
         out = case_tmp / "out"
         if pre_created:
             out.mkdir()
-        cmd = [sys.executable, "-m", "streammerge", "merge", *(str(c[k]) for k in LABELS), "-o", str(out)]
+        cmd = streammerge_cmd("merge", *(c[k] for k in LABELS), "-o", out)
         proc = subprocess.Popen(
             [*cmd, "--device", "cpu"],
             stdin=subprocess.DEVNULL,

@@ -7,11 +7,10 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_all, make_related, write_checkpoint
+from helpers import load_all, make_related, streammerge_cmd, write_checkpoint
 
 import streammerge
 from streammerge import hub
@@ -68,10 +67,7 @@ def test_merge_from_hub_ids_offline(hub_cache, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "streammerge",
-            "merge",
+            *streammerge_cmd("merge"),
             "org/target",
             "org/sft",
             "org/grpo@v2",
@@ -101,7 +97,7 @@ def test_hub_errors_are_clear(hub_cache, tmp_path):
     with pytest.raises(CheckpointError, match="not in the local Hub cache"):
         hub.resolve("org/absent", "target")
     r = subprocess.run(
-        [sys.executable, "-m", "streammerge", "plan", "org/absent", "org/sft", "org/grpo"],
+        streammerge_cmd("plan", "org/absent", "org/sft", "org/grpo"),
         capture_output=True,
         text=True,
         env=_fresh_env(tmp_path),
@@ -177,7 +173,7 @@ def test_plan_reads_remote_headers_without_downloading(hub_cache, tmp_path, monk
 
 def test_invalid_repo_id_or_mistyped_path_is_one_clear_line(hub_cache, tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "streammerge", "plan", "org/a--b", "org/sft", "org/grpo"],
+        streammerge_cmd("plan", "org/a--b", "org/sft", "org/grpo"),
         capture_output=True,
         text=True,
         env=_fresh_env(tmp_path),
@@ -194,7 +190,7 @@ def test_combine_spec_with_hub_ids_offline(hub_cache, tmp_path):
         f'[[vectors]]\nsft = "{dirs[2]}"\ngrpo = "{dirs[1]}"\nalpha = 0.5\n'
     )
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "streammerge", "combine", str(spec), "-o", str(out), "--device", "cpu", "--json"]
+    argv = streammerge_cmd("combine", spec, "-o", out, "--device", "cpu", "--json")
     r = subprocess.run(argv, capture_output=True, text=True, env=_fresh_env(tmp_path))
     assert r.returncode == 0, r.stderr
     # 0.5 * (g - s), then 0.5 * (s - g): with bf16 targets and small float32 vectors, (t + m) - m rounds back to t

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TORCH, from_bits, load_all, make_related, raw_bits, tree_digest, write_checkpoint
+from helpers import TORCH, from_bits, load_all, make_related, raw_bits, streammerge_cmd, tree_digest, write_checkpoint
 from reference import expected_bits, expected_bits_many, hostile_values
 from typer.testing import CliRunner
 
@@ -139,7 +138,7 @@ def test_sweep_refuses_a_single_output_dir_push_and_merge_with_a_list(five, tmp_
 
 def test_sweep_interrupted_then_resumed_gives_the_same_bytes(five, tmp_path) -> None:
     out = tmp_path / "sw"
-    argv = [sys.executable, "-m", "streammerge", "merge", str(five["t"]), str(five["s1"]), str(five["g1"]), "-o"]
+    argv = [*streammerge_cmd("merge", five["t"], five["s1"], five["g1"]), "-o"]
     argv += [str(out), "--alpha", "0.5,-1", "--chunk-size", "4096", "--max-shard-size", "3KB", "--device", "cpu"]
     env = {**os.environ, "STREAMMERGE_CRASH_AT": "chunk:3"}
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -419,7 +418,7 @@ def test_combine_cli_dry_run_and_run(five, tmp_path) -> None:
 
 def test_combine_resume_refuses_another_spec(five, tmp_path) -> None:
     out = tmp_path / "c"
-    argv = [sys.executable, "-m", "streammerge", "combine", "SPEC", "-o", str(out), "--device", "cpu"]
+    argv = streammerge_cmd("combine", "SPEC", "-o", out, "--device", "cpu")
     argv += ["--chunk-size", "4096", "--max-shard-size", "3KB"]
     spec = five["t"].parent / "r.toml"
     spec.write_text('target = "t"\n[[vectors]]\nsft = "s1"\ngrpo = "g1"\n[[vectors]]\nsft = "s2"\ngrpo = "g2"\n')

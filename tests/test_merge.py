@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_SHAPES, load_all, make_related, raw_bits, tree_digest, write_checkpoint
+from helpers import SMALL_SHAPES, load_all, make_related, raw_bits, tree_digest, write_checkpoint
 from reference import expected_bits
 from safetensors import safe_open
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TORCH, from_bits, load_all, raw_bits, write_checkpoint
+from helpers import TORCH, from_bits, load_all, raw_bits, write_checkpoint
 from reference import expected_bits, hostile_values
-from streammerge.kernels.reference import fast_cast_is_exact, merge_reference, round_from_f32, round_from_f32_exact
 
 import streammerge
+from streammerge.kernels.reference import fast_cast_is_exact, merge_reference, round_from_f32, round_from_f32_exact
 
 ALPHAS = [1.0, -1.0, 0.5, 0.0, 1e-3]
 DTYPES = ["BF16", "F16", "F32"]

@@ -21,7 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from conftest import from_bits, load_all, raw_bits  # noqa: E402
+from helpers import from_bits, load_all, raw_bits  # noqa: E402
 from packaging.version import Version  # noqa: E402  (a dependency of transformers)
 from reference import expected_bits  # noqa: E402
 

@@ -29,6 +29,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 # tests/ has no __init__.py: pytest's default 'prepend' import mode puts it on sys.path, so this is tests/reference.py.
 from reference import expected_bits, hostile_values  # noqa: E402
+
 from streammerge.kernels import triton_merge as tm  # noqa: E402
 from streammerge.kernels.reference import merge_reference  # noqa: E402
 

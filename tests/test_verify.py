@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_all, make_related, write_checkpoint
+from helpers import load_all, make_related, write_checkpoint
 from typer.testing import CliRunner
 
 import streammerge
