@@ -147,6 +147,8 @@ class MergePlan:
     bytes_written: int
     disk_needed: int
     chunks: int
+    # free bytes on the output filesystem, when check_disk_space looked (None: not looked, or unknown)
+    free_disk: int | None = None
     warnings: list[str] = field(default_factory=list)
     # the vectors added to the target: role names, sources and alpha (a description; the per-tensor truth is in terms)
     vectors: list[dict] = field(default_factory=list)
@@ -616,7 +618,7 @@ def _layout(
 
 
 def check_disk_space(plan: MergePlan, out_dir: Path) -> None:
-    """Add a warning to the plan when the output filesystem has less free space than the output needs."""
+    """Record the output filesystem's free space in the plan, with a warning when it is less than the output needs."""
     probe = out_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -624,7 +626,7 @@ def check_disk_space(plan: MergePlan, out_dir: Path) -> None:
         free = shutil.disk_usage(probe).free
     except OSError:
         return
-    plan.free_disk = free  # type: ignore[attr-defined]
+    plan.free_disk = free
     if free < plan.disk_needed:
         plan.warnings.append(
             f"only {free / 1e9:.2f} GB free on the filesystem of {out_dir}, "
