@@ -4,9 +4,22 @@
 output bytes on every device; several alphas in one pass (:func:`sweep`) and many vectors (:func:`combine`).
 """
 
-from .api import MergeReport, apply, apply_sweep, combine, extract, merge, plan, plan_combine, sweep, sweep_dirname  # noqa: E402
-from .errors import (  # noqa: E402
+from .api import (
+    MergeReport,
+    apply,
+    apply_sweep,
+    combine,
+    extract,
+    finalize,
+    merge,
+    plan,
+    plan_combine,
+    sweep,
+    sweep_dirname,
+)
+from .errors import (
     CheckpointError,
+    DistributedError,
     EngineError,
     HeaderError,
     OptionsError,
@@ -14,13 +27,14 @@ from .errors import (  # noqa: E402
     StreamMergeError,
     TensorMismatchError,
 )
-from .options import MergeOptions  # noqa: E402
-from .spec import Spec, VectorSpec, load_spec  # noqa: E402
-from .verify import VerifyReport, verify  # noqa: E402
+from .options import MergeOptions
+from .spec import Spec, VectorSpec, load_spec
+from .verify import VerifyReport, verify
 from .version import __version__
 
 __all__ = [
     "CheckpointError",
+    "DistributedError",
     "EngineError",
     "HeaderError",
     "MergeOptions",
@@ -37,6 +51,7 @@ __all__ = [
     "apply_sweep",
     "combine",
     "extract",
+    "finalize",
     "load_spec",
     "merge",
     "plan",

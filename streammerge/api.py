@@ -8,9 +8,11 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import recipes
+from .distributed import DEFAULT_TIMEOUT_S, DISTRIBUTED_MODES, Coordinator, world_from_env
 from .errors import OptionsError
 from .options import MergeOptions
 from .outdir import check_output_paths, refuse_sweep_over_single
+from .parts import Part, finalize_parts
 from .plan import MergePlan, check_disk_space
 from .recipes import Planned, parse_alphas, sweep_dirname
 from .run import MergeReport, ProgressCallback, RunRequest, refuse_push_for_sweep, run, select_engine
@@ -25,6 +27,7 @@ __all__ = [
     "merge",
     "parse_alphas",
     "plan",
+    "finalize",
     "plan_combine",
     "refuse_push_for_sweep",
     "select_engine",
@@ -48,9 +51,34 @@ def _explicit(**given) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _run_one(job: Planned, out, opts: MergeOptions, started: float, **how) -> list[MergeReport]:
+def _run_one(
+    job: Planned,
+    out,
+    opts: MergeOptions,
+    started: float,
+    *,
+    part: str | Part | None = None,
+    distributed: str = "auto",
+    dist_timeout: float | None = None,
+    **how,
+) -> list[MergeReport]:
+    """Run ``job`` alone, as ``part`` of a merge in parts, or as this rank's part of a torchrun job."""
     with job:
-        return run(job, RunRequest(Path(out) if out is not None else None, opts, started, **how))
+        if distributed not in DISTRIBUTED_MODES:
+            raise OptionsError(f"distributed: {distributed!r} is not one of {', '.join(DISTRIBUTED_MODES)}")
+        world = world_from_env() if distributed == "auto" else None
+        if world is not None and part is not None:
+            raise OptionsError("--part is for independent jobs; under torchrun every rank takes its part itself")
+        piece = Part.parse(part) if isinstance(part, str) else part
+        coord = Coordinator(world, dist_timeout or DEFAULT_TIMEOUT_S) if world is not None else None
+        try:
+            req = RunRequest(
+                Path(out) if out is not None else None, opts, started, part=piece, coordinator=coord, **how
+            )
+            return run(job, req)
+        finally:
+            if coord is not None:
+                coord.close()
 
 
 def _headers_only(job: Planned, out) -> MergePlan:
@@ -107,6 +135,8 @@ def merge(
     progress: ProgressCallback | None = None,
     resume: bool = False,
     sink: str = "disk",
+    part: str | None = None,
+    distributed: str = "auto",
     push_to: str | None = None,
     private: bool = False,
     **kwargs,
@@ -151,8 +181,8 @@ def merge(
         raise OptionsError("merge: alpha must be one number; for several in one pass use streammerge.sweep")
     opts = _options(options, {**_explicit(alpha=alpha, device=device), **kwargs})
     job = recipes.trio(target, sft, grpo, opts)
-    how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private)
-    return _run_one(job, out if out is not None else "(null sink)", opts, started, **how)[0]
+    how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
+    return _run_one(job, out if out is not None else "(null sink)", opts, started, distributed=distributed, **how)[0]
 
 
 def sweep(
@@ -167,6 +197,8 @@ def sweep(
     progress: ProgressCallback | None = None,
     resume: bool = False,
     sink: str = "disk",
+    part: str | None = None,
+    distributed: str = "auto",
     **kwargs,
 ) -> list[MergeReport]:
     """Several alphas in one pass: ``out/alpha-A = target + A * (grpo - sft)`` for each ``A`` in ``alphas``.
@@ -193,7 +225,9 @@ def sweep(
     values = parse_alphas(alphas)
     opts = _options(options, {**_explicit(device=device), **kwargs})
     job = recipes.trio(target, sft, grpo, opts, values)
-    return _run_one(job, out, opts, started, progress=progress, resume=resume, sink=sink)
+    return _run_one(
+        job, out, opts, started, progress=progress, resume=resume, sink=sink, part=part, distributed=distributed
+    )
 
 
 def plan_combine(spec, out: str | os.PathLike | None = None, *, options: MergeOptions | None = None, **kwargs):
@@ -212,6 +246,8 @@ def combine(
     progress: ProgressCallback | None = None,
     resume: bool = False,
     sink: str = "disk",
+    part: str | None = None,
+    distributed: str = "auto",
     push_to: str | None = None,
     private: bool = False,
     **kwargs,
@@ -238,8 +274,8 @@ def combine(
     sp = load_spec(spec)
     opts = recipes.spec_options(sp, options, {**_explicit(device=device), **kwargs})
     job = recipes.combine(sp, opts)
-    how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private)
-    return _run_one(job, out, opts, started, **how)[0]
+    how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
+    return _run_one(job, out, opts, started, distributed=distributed, **how)[0]
 
 
 def extract(
@@ -252,6 +288,8 @@ def extract(
     progress: ProgressCallback | None = None,
     resume: bool = False,
     sink: str = "disk",
+    part: str | None = None,
+    distributed: str = "auto",
     **kwargs,
 ) -> MergeReport:
     """Write the vector ``v = grpo - sft`` as a safetensors checkpoint, to apply later with :func:`apply`.
@@ -270,7 +308,9 @@ def extract(
     started = time.perf_counter()
     opts = _options(options, {**kwargs, "out_dtype": dtype, "alpha": 1.0})
     job = recipes.extract(sft, grpo, opts)
-    return _run_one(job, out, opts, started, progress=progress, resume=resume, sink=sink)[0]
+    return _run_one(
+        job, out, opts, started, progress=progress, resume=resume, sink=sink, part=part, distributed=distributed
+    )[0]
 
 
 def apply(
@@ -284,6 +324,8 @@ def apply(
     progress: ProgressCallback | None = None,
     resume: bool = False,
     sink: str = "disk",
+    part: str | None = None,
+    distributed: str = "auto",
     push_to: str | None = None,
     private: bool = False,
     any_vector: bool = False,
@@ -298,8 +340,8 @@ def apply(
     started = time.perf_counter()
     opts = _options(options, {**_explicit(alpha=alpha, device=device), **kwargs})
     job = recipes.apply(target, vector, [opts.alpha], opts, any_vector)
-    how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private)
-    return _run_one(job, out, opts, started, **how)[0]
+    how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
+    return _run_one(job, out, opts, started, distributed=distributed, **how)[0]
 
 
 def apply_sweep(
@@ -313,6 +355,8 @@ def apply_sweep(
     progress: ProgressCallback | None = None,
     resume: bool = False,
     sink: str = "disk",
+    part: str | None = None,
+    distributed: str = "auto",
     any_vector: bool = False,
     **kwargs,
 ) -> list[MergeReport]:
@@ -326,4 +370,21 @@ def apply_sweep(
     opts = _options(options, {**_explicit(device=device), **kwargs})
     recipes.check_sweep_alphas(values)
     job = recipes.apply(target, vector, values, opts, any_vector)
-    return _run_one(job, out, opts, started, progress=progress, resume=resume, sink=sink)
+    return _run_one(
+        job, out, opts, started, progress=progress, resume=resume, sink=sink, part=part, distributed=distributed
+    )
+
+
+def finalize(out: str | os.PathLike) -> list[str]:
+    """Publish a merge written in parts (``part="I/N"`` / ``--part I/N``) once every part has finished: check that
+    every output file is recorded by a part of one plan and present, then write the small files, the index and the
+    complete manifest. Refuses, naming what is missing, and touches nothing otherwise. Returns the output's files.
+
+    Example:
+        ```py
+        >>> for i in (1, 2, 3):  # anywhere, any order, e.g. three jobs of a SLURM array
+        ...     streammerge.merge("t/", "s/", "g/", "out/", part=f"{i}/3")
+        >>> streammerge.finalize("out/")
+        ```
+    """
+    return finalize_parts(Path(out))

@@ -41,3 +41,7 @@ def format_name_list(names: list[str], limit: int = 20) -> str:
     if len(names) > limit:
         shown += f", ... and {len(names) - limit} more"
     return shown
+
+
+class DistributedError(StreamMergeError):
+    """A merge across processes cannot go on: ranks disagree, a rank failed, or a collective timed out."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .card import model_card
+from .distributed import Coordinator
 from .engines import EngineStats, Progress
 from .errors import EngineError, OptionsError, OutputError
 from .faults import crash_point
@@ -16,6 +18,7 @@ from .identity import InputGuard, input_identity, merge_identity
 from .memory import available_memory
 from .options import MergeOptions
 from .outdir import check_output_paths, earlier_sweep_outputs, refuse_sweep_over_single
+from .parts import Part, files_of, finalize_parts, part_records, share_for
 from .plan import check_disk_space
 from .recipes import Planned, sweep_dirname
 from .verify import verify
@@ -83,6 +86,8 @@ class RunRequest:
         sink (`str`): "disk", "null" (compute, discard) or "null-sha256" (discard, report SHA-256s).
         push_to (`str | None`): a Hub repository to upload the finished, verified output to.
         private (`bool`): create the pushed repository as private.
+        part (`Part | None`): write only this part's files and no index (``--part I/N``; ``finalize`` publishes).
+        coordinator (`Coordinator | None`): a torchrun job: this rank writes its part, rank 0 finalizes.
     """
 
     out_dir: Path | None
@@ -93,12 +98,51 @@ class RunRequest:
     sink: str = "disk"
     push_to: str | None = None
     private: bool = False
+    part: Part | None = None
+    coordinator: Coordinator | None = None
 
 
 def refuse_push_for_sweep(push_to: str | None) -> None:
     """A sweep writes one output per alpha; ``--push-to`` uploads one: refused before anything runs."""
     if push_to:
         raise OptionsError("--push-to uploads one output; a sweep writes one per alpha: push the one you keep")
+
+
+def refuse_in_parts(opts: MergeOptions, push_to: str | None) -> None:
+    """What a merge in parts cannot do: replace an earlier output (parts run independently, none may delete what
+    another is writing) or push (no part holds the whole output; push after ``finalize``)."""
+    if opts.overwrite:
+        raise OptionsError(
+            "--overwrite cannot be used with --part or torchrun: parts never remove files another part may be "
+            "writing. Give a new or empty output directory (or --resume an interrupted merge)"
+        )
+    if push_to:
+        raise OptionsError("--push-to with --part: no part holds the whole output; push after `streammerge finalize`")
+
+
+def _threads(opts: MergeOptions, coord: Coordinator | None) -> int | None:
+    """Compute threads: as asked; under torchrun by default the node's cores shared by its local ranks (one thread
+    of each rank's share goes to its writer)."""
+    if opts.threads is not None or coord is None:
+        return opts.threads
+    return max(1, (os.cpu_count() or 2) // coord.world.local_size - 1)
+
+
+def _collective(coord: Coordinator | None, fn, only_rank: int | None = None):
+    """Run ``fn`` here, or under torchrun as one step of every rank (an error anywhere stops every rank)."""
+    if coord is None:
+        return fn()
+    return coord.step(fn, only_rank=only_rank)
+
+
+def _part_note(part: Part, w, total: int, ranked: bool, out_dir: Path) -> str:
+    mine = total - len(w.done_files) + len(w.adopted)
+    if ranked:
+        return f"rank {part.index} of {part.count}: wrote {mine} of {total} file(s); rank 0 wrote the index"
+    return (
+        f"part {part.label}: {mine} of {total} file(s) are this part's; when every part is done, run "
+        f"`streammerge finalize {out_dir}`"
+    )
 
 
 def cuda_usable() -> tuple[bool, str]:
@@ -132,16 +176,23 @@ def cuda_engine(opts: MergeOptions | None):
     )
 
 
-def select_engine(device: str, threads: int | None = None, opts: MergeOptions | None = None):
-    """The engine for ``device`` ("auto", "cpu", "cuda") and a note saying why it was chosen."""
+def select_engine(
+    device: str, threads: int | None = None, opts: MergeOptions | None = None, coord: Coordinator | None = None
+):
+    """The engine for ``device`` ("auto", "cpu", "cuda") and a note saying why it was chosen. Under torchrun each
+    rank takes GPU ``LOCAL_RANK``."""
     if device == "cpu":
         from .engines.cpu import CpuEngine
 
         return CpuEngine(threads), "cpu (requested)"
     cuda_ok, why = cuda_usable()
+    if device == "cuda" and not cuda_ok:
+        raise EngineError(f"--device cuda: {why}; use --device cpu or auto")
+    if cuda_ok and coord is not None:
+        import torch
+
+        torch.cuda.set_device(coord.world.local_rank % torch.cuda.device_count())
     if device == "cuda":
-        if not cuda_ok:
-            raise EngineError(f"--device cuda: {why}; use --device cpu or auto")
         return cuda_engine(opts), "cuda (requested)"
     if cuda_ok:
         return cuda_engine(opts), "cuda (auto: GPU and triton found)"
@@ -154,6 +205,8 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     """Run a planned job: pick the engine, open the writer(s) (or the null sink), finalize, optionally verify and
     push; a report per output (one, or one per alpha of a sweep, each in ``out_dir/alpha-A``)."""
     p, ckpts, opts, sink = job.plan, job.inputs, req.options, req.sink
+    coord = req.coordinator
+    part = Part(coord.world.rank, coord.world.size) if coord is not None else req.part
     if sink not in SINKS:
         raise OptionsError(f"sink: {sink!r} is not disk, null or null-sha256")
     if sink == "disk" and req.out_dir is None:
@@ -163,13 +216,15 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     dirs = [out_dir / sweep_dirname(vp.options.alpha) for vp in p.variants] if p.variants else [out_dir]
     if p.variants:
         refuse_push_for_sweep(req.push_to)
+    if part is not None:
+        refuse_in_parts(opts, req.push_to if coord is None else None)
     if sink == "disk":
         if p.variants:
             refuse_sweep_over_single(out_dir)
         for d in dirs:
             check_output_paths(d, ckpts)
         check_disk_space(p, out_dir)
-    engine, engine_note = select_engine(opts.device, opts.threads, opts)
+    engine, engine_note = select_engine(opts.device, _threads(opts, coord), opts, coord)
     available = available_memory()
     if available is not None and p.bytes_read > available // 2:
         for ck in ckpts.values():
@@ -178,18 +233,34 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     guard = InputGuard(ckpts)  # before the identity: a change after either is caught
     inputs = input_identity(ckpts)  # headers hashed once for every output of a sweep
     identities = [merge_identity(vp, ckpts, inputs) for vp in plans]
+    if coord is not None:
+        coord.agree("".join(i["fingerprint"] for i in identities), "inputs, options or output layout")
+    finalize_here = False
+    if part is None and sink == "disk" and any(part_records(d) for d in dirs):
+        part, finalize_here = Part(0, 1), True  # the rest of a merge begun in parts: one process finishes it
+    smalls = [[path.name for path in vp.aux_files] + ["README.md"] for vp in plans]
     crash_point("planned")
     with contextlib.ExitStack() as stack:
         if sink == "disk":
             writers = [
-                OutputWriter(d, vp, ident, resume=req.resume, before_publish=guard.check)
-                for d, vp, ident in zip(dirs, plans, identities)
+                OutputWriter(
+                    d,
+                    vp,
+                    ident,
+                    resume=req.resume,
+                    before_publish=guard.check,
+                    share=share_for(vp, part, ident, d, names) if part is not None else None,
+                )
+                for d, vp, ident, names in zip(dirs, plans, identities, smalls)
             ]
             for w in writers:
-                w.preflight()  # every output is checked before any is touched
-            writers = [stack.enter_context(w) for w in writers]
+                if part is None:
+                    w.preflight()  # every output is checked before any is touched
+            opened = _collective(coord, lambda: [stack.enter_context(w) for w in writers])
+            writers = opened if opened is not None else writers
         else:
-            writers = [stack.enter_context(NullWriter(vp, checksums=sink == "null-sha256")) for vp in plans]
+            own = files_of(p, part) if part is not None else None
+            writers = [stack.enter_context(NullWriter(vp, sink == "null-sha256", own)) for vp in plans]
         writer = SweepWriter(p, writers) if p.variants else writers[0]
         stats: EngineStats = engine.run(p, ckpts, writer, req.progress)
         files = []
@@ -197,6 +268,9 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             small = {path.name: path.read_bytes() for path in vp.aux_files}
             small["README.md"] = model_card(vp).encode()
             files.append(w.finalize(small))
+    if sink == "disk" and (finalize_here or coord is not None):
+        # every part's files are in place (the barrier is inside the collective): rank 0 publishes
+        _collective(coord, lambda: [finalize_parts(d) for d in dirs], only_rank=0)
     root_notes = earlier_sweep_outputs(out_dir, dirs, opts.overwrite, ckpts) if p.variants and sink == "disk" else []
     seconds = time.perf_counter() - req.started
     moved = stats.bytes_read + stats.bytes_written
@@ -206,6 +280,8 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     reports = []
     for k, (d, vp, w) in enumerate(zip(dirs, plans, writers)):
         notes = [f"sweep: output {k + 1} of {len(plans)} from one pass over the inputs"] if p.variants else []
+        if part is not None and not finalize_here:
+            notes.append(_part_note(part, w, len(vp.files), coord is not None, d))
         notes += root_notes if k == 0 else []
         reports.append(
             MergeReport(
@@ -226,7 +302,7 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
                 stage_seconds=dict(stats.stage_seconds),
                 nonfinite=stats.nonfinite_of(k) if p.variants else dict(stats.nonfinite),
                 shard_sha256={name: v["sha256"] for name, v in w.shards.items()},
-                resumed_shards=len(w.done_files),
+                resumed_shards=len(w.adopted),
                 pushed=pushed,
             )
         )

@@ -15,7 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +27,9 @@ from .faults import crash_point
 from .plan import MergePlan
 
 MANIFEST = ".streammerge.json"
+# A merge split across processes (parts.py): what every part writes besides its own record, for finalize.
+PLAN_RECORD = ".streammerge.plan.json"
+SMALL_PREFIX = ".streammerge.small."
 PARTIAL_SUFFIX = ".partial"
 STATE_IN_PROGRESS = "in-progress"
 STATE_COMPLETE = "complete"
@@ -139,6 +144,47 @@ def remove_output(out_dir: Path, previous: dict) -> str | None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Share:
+    """This writer's share of a merge split across processes (the caller decides the split; parts.py).
+
+    Attributes:
+        files (`frozenset[int]`): the plan's files this process writes; the others are another process's.
+        record (`str`): the hidden file this process records its shards in, instead of the manifest.
+        recorded (`dict[str, dict]`): shards that any process of the same merge recorded earlier (name -> size,
+            sha256): with ``resume``, this process keeps those of its files that still match.
+        extra (`dict`): fields added to its record (which part, the assignment).
+        plan_record (`bytes`): written as ``PLAN_RECORD`` when this process finishes: the same bytes from every part.
+    """
+
+    files: frozenset[int]
+    record: str
+    recorded: dict[str, dict] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    plan_record: bytes = b""
+
+
+def write_small_file(out_dir: Path, name: str, data: bytes) -> None:
+    """Write a small file atomically: a hidden temporary, fsync, rename. Raises OSError (an interrupt included, the
+    temporary is removed first)."""
+    tmp = out_dir / f".{name}{PARTIAL_SUFFIX}"
+    tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(tmp, _OPEN_NEW, 0o644)
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, out_dir / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class OutputWriter:
     """Writes one merge's output directory. Use as a context manager: leaving it with an exception aborts.
 
@@ -158,8 +204,10 @@ class OutputWriter:
         manifest: dict | None = None,
         resume: bool = False,
         before_publish: Callable[[], None] | None = None,
+        share: Share | None = None,
     ):
         self.out_dir = Path(out_dir)
+        self.share = share
         self.before_publish = before_publish  # raises to stop an output file getting its final name
         self.plan = plan
         self.manifest = dict(manifest or {})
@@ -173,10 +221,17 @@ class OutputWriter:
         self._sequential = [True] * n
         self._dir_fd: int | None = None
         self.shards: dict[str, dict] = {}  # finished: name -> {"size", "sha256"}
-        self.done_files: set[int] = set()  # finished before this run started (resume)
+        self.adopted: set[int] = set()  # finished before this run started (resume)
+        # another process's files (a merge in parts): never created, written or recorded here
+        self._others: frozenset[int] = frozenset(range(n)) - share.files if share is not None else frozenset()
         self.notes: list[str] = []
         self.bytes_written = 0
         self._created: set[int] = set()  # temporaries this run created (the only ones abort removes)
+
+    @property
+    def done_files(self) -> set[int]:
+        """Files with no work in this process: finished earlier (resume), or another part's."""
+        return self.adopted | self._others
 
     # ------------------------------------------------------------------ setup
     def _check_path(self) -> None:
@@ -194,15 +249,19 @@ class OutputWriter:
             self._dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
             raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+        # The parts of one merge share the directory (each writes only its own files); a single-process merge, or
+        # finalize, holds it alone.
         try:
-            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._dir_fd, (fcntl.LOCK_SH if self.share else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             os.close(self._dir_fd)
             self._dir_fd = None
             raise OutputError(f"{out}: another streammerge process is writing this directory; wait for it") from None
         try:
             previous = read_manifest(out)
-            if self.resume and previous is not None:
+            if self.share is not None:
+                self._open_share(previous)
+            elif self.resume and previous is not None:
                 self._adopt(previous)
             else:
                 self._clear_previous(previous)
@@ -214,6 +273,54 @@ class OutputWriter:
             self.abort()
             self.close()
             raise
+
+    def _open_share(self, previous: dict | None) -> None:
+        """A part of a merge in parts: the directory may hold only this merge's files and records (other parts write
+        beside this one); this part's stale temporaries go, and with ``resume`` its recorded files are kept once
+        their SHA-256 is re-verified."""
+        out, fp, share = self.out_dir, self.manifest["fingerprint"], self.share
+        assert share is not None
+        if previous is not None and (previous.get("fingerprint") != fp or previous.get("state") == STATE_COMPLETE):
+            raise OutputError(
+                f"{out}: holds a streammerge output"
+                + (" (finished)" if previous.get("state") == STATE_COMPLETE else " of another merge")
+                + "; a merge in parts never replaces one: choose a new directory, or remove this one"
+            )
+        names = {f.name for f in self.plan.files}
+        mine = {f".{n}{PARTIAL_SUFFIX}" for n in names}
+        ours = names | mine
+        # other parts' records and their atomic-write temporaries (``..streammerge.*.partial``) are this merge's too
+        foreign = sorted(
+            p.name for p in out.iterdir() if p.name not in ours and not p.name.lstrip(".").startswith("streammerge.")
+        )
+        if foreign:
+            raise OutputError(
+                f"{out}: output directory holds {len(foreign)} entries that are not this merge's ({foreign[0]}); "
+                "choose a new directory"
+            )
+        for i in sorted(share.files):
+            f = self.plan.files[i]
+            self._temps[i].unlink(missing_ok=True)  # this part's own temporaries: a crashed earlier run's
+            path, rec = out / f.name, share.recorded.get(f.name)
+            if path.is_symlink():
+                path.unlink()  # never follow a link planted where a shard belongs
+                continue
+            if not path.exists():
+                continue
+            if not self.resume:
+                raise OutputError(
+                    f"{out}: {f.name} was already written by an earlier run of this merge; pass --resume to keep it "
+                    "(it is re-verified first), or choose a new directory"
+                )
+            if rec and path.is_file() and path.stat().st_size == f.size == rec.get("size"):
+                if sha256_file(path) == rec.get("sha256"):
+                    self.adopted.add(i)
+                    self.shards[f.name] = {"size": f.size, "sha256": rec["sha256"]}
+                    continue
+            self.notes.append(f"resume: {f.name} did not match a recorded checksum and is redone")
+            path.unlink()
+        if self.adopted:
+            self.notes.append(f"resume: kept {len(self.adopted)} verified shard(s) of this part")
 
     def _stale_partials(self) -> list[Path]:
         return [p for p in self.out_dir.iterdir() if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX)]
@@ -288,15 +395,15 @@ class OutputWriter:
             if not isinstance(rec, dict) or not path.is_file():
                 continue
             if path.stat().st_size == f.size == rec.get("size") and sha256_file(path) == rec.get("sha256"):
-                self.done_files.add(i)
+                self.adopted.add(i)
                 self.shards[f.name] = {"size": f.size, "sha256": rec["sha256"]}
             else:
                 self.notes.append(f"resume: {f.name} did not match its recorded checksum and is redone")
                 path.unlink()
-        if self.done_files:
+        if self.adopted:
             self.notes.append(
-                f"resume: kept {len(self.done_files)} verified shard(s), redoing "
-                f"{len(self.plan.files) - len(self.done_files)}"
+                f"resume: kept {len(self.adopted)} verified shard(s), "
+                f"redoing {len(self.plan.files) - len(self.adopted)}"
             )
 
     def _create(self, i: int, name: str, header: bytes, size: int) -> None:
@@ -410,36 +517,38 @@ class OutputWriter:
         crash_point(f"shard:{file}")
 
     def _write_manifest(self, state: str, files: list[str] | None = None) -> None:
+        """The manifest, or in a merge in parts this part's own record (the manifest is finalize's)."""
         m = {**self.manifest, "state": state, "shards": dict(self.shards)}
         if files is not None:
             m["files"] = files
-        self.write_small(MANIFEST, (json.dumps(m, indent=2, default=str) + "\n").encode())
+        if self.share is not None:
+            m.update(self.share.extra, written_at=time.time())
+        name = MANIFEST if self.share is None else self.share.record
+        self.write_small(name, (json.dumps(m, indent=2, default=str) + "\n").encode())
 
     def write_small(self, name: str, data: bytes) -> None:
-        """Write a small file atomically (temporary name, fsync, rename)."""
-        tmp = self.out_dir / f".{name}{PARTIAL_SUFFIX}"
-        tmp.unlink(missing_ok=True)
+        """Write a small file atomically (temporary name, fsync, rename); errors say what to do."""
         try:
-            fd = os.open(tmp, _OPEN_NEW, 0o644)
-            try:
-                self._pwrite_all(fd, data, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.out_dir / name)
-        except BaseException as e:  # an interrupt included: never leave the temporary behind
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise self._write_error(name, e) from None
-            raise
+            write_small_file(self.out_dir, name, data)
+        except OSError as e:
+            raise self._write_error(name, e) from None
 
     def finalize(self, small_files: dict[str, bytes]) -> list[str]:
         """Write the small files (aux, card), then the index (the last visible file), then mark the hidden manifest
         complete and sync the directory. A crash before the last step leaves an in-progress manifest: ``--resume``
         re-verifies the shards and finishes."""
-        missing = [f.name for f in self.plan.files if f.name not in self.shards]
+        missing = [f.name for i, f in enumerate(self.plan.files) if f.name not in self.shards and i not in self._others]
         if missing:
             raise OutputError(f"internal error: finalize before {missing} were complete")
+        if self.share is not None:  # a part: stage what finalize publishes, record this part complete
+            for name, data in small_files.items():
+                self.write_small(f"{SMALL_PREFIX}{name}", data)
+            self.write_small(PLAN_RECORD, self.share.plan_record)
+            own = [f.name for i, f in enumerate(self.plan.files) if i not in self._others]
+            self._write_manifest(STATE_COMPLETE, own)
+            if self._dir_fd is not None:
+                os.fsync(self._dir_fd)
+            return own
         for name, data in small_files.items():
             self.write_small(name, data)
         files = [f.name for f in self.plan.files] + list(small_files)
@@ -492,12 +601,14 @@ class NullWriter:
     each file in write order, so two engines can be compared without disk space.
     """
 
-    def __init__(self, plan: MergePlan, checksums: bool = False):
+    def __init__(self, plan: MergePlan, checksums: bool = False, files: set[int] | None = None):
         self.plan = plan
         self.checksums = checksums
         self._hash = [hashlib.sha256() if checksums else None for _ in plan.files]
         self.shards: dict[str, dict] = {}
-        self.done_files: set[int] = set()
+        self.adopted: set[int] = set()
+        # ``files``: this process's share of a merge in parts (the rest is another process's: no work here)
+        self.done_files: set[int] = set(range(len(plan.files))) - set(files) if files is not None else set()
         self.notes: list[str] = ["sink: null (output discarded)"]
         self.bytes_written = 0
 
