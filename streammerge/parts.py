@@ -227,6 +227,16 @@ def share_for(plan: MergePlan, part: Part, identity: dict, out_dir: Path, small_
     assignment = assign_files(plan, part.count)
     fingerprint = identity["fingerprint"]
     previous = read_manifest(out_dir) if out_dir.is_dir() else None
+
+    def check() -> None:
+        foreign = other_merges(out_dir, fingerprint)
+        if foreign:
+            raise OutputError(
+                f"{out_dir}: {foreign[0]} belongs to another merge (other inputs, options or layout); parts of two "
+                "merges never share a directory: choose a new one"
+            )
+
+    check()
     return Share(
         files=frozenset(assignment[part.index]),
         record=part.record_name,
@@ -236,4 +246,5 @@ def share_for(plan: MergePlan, part: Part, identity: dict, out_dir: Path, small_
             "assignment": [[plan.files[i].name for i in a] for a in assignment],
         },
         plan_record=plan_record(plan, identity, small_names),
+        check=check,
     )

@@ -268,9 +268,10 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             small = {path.name: path.read_bytes() for path in vp.aux_files}
             small["README.md"] = model_card(vp).encode()
             files.append(w.finalize(small))
+    if coord is not None:
+        coord.barrier()  # every rank's files are in place (a rank that never arrives is named)
     if sink == "disk" and (finalize_here or coord is not None):
-        # every part's files are in place (the barrier is inside the collective): rank 0 publishes
-        _collective(coord, lambda: [finalize_parts(d) for d in dirs], only_rank=0)
+        _collective(coord, lambda: [finalize_parts(d) for d in dirs], only_rank=0)  # rank 0 publishes, all wait
     root_notes = earlier_sweep_outputs(out_dir, dirs, opts.overwrite, ckpts) if p.variants and sink == "disk" else []
     seconds = time.perf_counter() - req.started
     moved = stats.bytes_read + stats.bytes_written

@@ -155,6 +155,9 @@ class Share:
             sha256): with ``resume``, this process keeps those of its files that still match.
         extra (`dict`): fields added to its record (which part, the assignment).
         plan_record (`bytes`): written as ``PLAN_RECORD`` when this process finishes: the same bytes from every part.
+        check (*optional*): called once this process's record is written, before any data: raises if another
+            merge's parts write the same directory (each checks after announcing itself, so of two that start
+            together at least one sees the other).
     """
 
     files: frozenset[int]
@@ -162,12 +165,14 @@ class Share:
     recorded: dict[str, dict] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     plan_record: bytes = b""
+    check: Callable[[], None] | None = None
 
 
-def write_small_file(out_dir: Path, name: str, data: bytes) -> None:
+def write_small_file(out_dir: Path, name: str, data: bytes, tag: str = "") -> None:
     """Write a small file atomically: a hidden temporary, fsync, rename. Raises OSError (an interrupt included, the
-    temporary is removed first)."""
-    tmp = out_dir / f".{name}{PARTIAL_SUFFIX}"
+    temporary is removed first). ``tag`` makes the temporary this writer's own, where several processes write the
+    same file (the parts of one merge write identical copies)."""
+    tmp = out_dir / f".{name}{'.' + tag if tag else ''}{PARTIAL_SUFFIX}"
     tmp.unlink(missing_ok=True)
     try:
         fd = os.open(tmp, _OPEN_NEW, 0o644)
@@ -227,6 +232,7 @@ class OutputWriter:
         self.notes: list[str] = []
         self.bytes_written = 0
         self._created: set[int] = set()  # temporaries this run created (the only ones abort removes)
+        self._record_is_ours = False  # this run created its part record
 
     @property
     def done_files(self) -> set[int]:
@@ -266,6 +272,8 @@ class OutputWriter:
             else:
                 self._clear_previous(previous)
             self._write_manifest(STATE_IN_PROGRESS)
+            if self.share is not None and self.share.check is not None:
+                self.share.check()
             for i, f in enumerate(self.plan.files):
                 if i not in self.done_files:
                     self._create(i, f.name, f.header, f.size)
@@ -523,13 +531,15 @@ class OutputWriter:
             m["files"] = files
         if self.share is not None:
             m.update(self.share.extra, written_at=time.time())
+            if not self._record_is_ours and not (self.out_dir / self.share.record).exists():
+                self._record_is_ours = True  # abort removes it again while it records nothing
         name = MANIFEST if self.share is None else self.share.record
         self.write_small(name, (json.dumps(m, indent=2, default=str) + "\n").encode())
 
     def write_small(self, name: str, data: bytes) -> None:
         """Write a small file atomically (temporary name, fsync, rename); errors say what to do."""
         try:
-            write_small_file(self.out_dir, name, data)
+            write_small_file(self.out_dir, name, data, tag=str(os.getpid()) if self.share is not None else "")
         except OSError as e:
             raise self._write_error(name, e) from None
 
@@ -576,6 +586,8 @@ class OutputWriter:
                 self._temps[i].unlink()
             except OSError:
                 pass
+        if self.share is not None and self._record_is_ours and not self.shards:
+            (self.out_dir / self.share.record).unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._dir_fd is not None:
