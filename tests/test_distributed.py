@@ -192,3 +192,13 @@ def test_part_options_are_checked(trio, tmp_path) -> None:
             Part.parse(bad)
     with pytest.raises(OptionsError, match="--overwrite"):
         streammerge.merge(*trio, tmp_path / "o", part="1/2", overwrite=True, **LIB_KW)
+
+
+def test_the_distributed_benchmark_runs(tmp_path) -> None:
+    """The benchmark harness itself (tiny trio, one round): it fails on any output mismatch between 1 and 2 ranks."""
+    cmd = [sys.executable, "-m", "benchmarks.distributed", "--smoke", "--workdir", str(tmp_path / "w")]
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "res")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((tmp_path / "res" / "distributed-smoke.json").read_text())
+    assert {"null-sha256/1", "null-sha256/2", "disk/1", "disk/2"} == set(result["summary"])
+    assert all(len(run["peak_rss_anon_per_rank"]) == run["ranks"] for run in result["runs"])
