@@ -31,7 +31,7 @@ from .inputs import TrioInfo
 from .machine import REPO_ROOT
 
 # Peak total RSS as a multiple of one checkpoint's bytes, to skip a peer where it would exhaust memory (measured on
-# the 2-core development machine, DESIGN.md section 5): naive 9.0 GB for 1.9 GB checkpoints (all three loaded,
+# the 2-core development machine, docs/hardware.md): naive 9.0 GB for 1.9 GB checkpoints (all three loaded,
 # the output held until save_file); mergekit 4.1 GB for 1.9 GB (CPU, bf16) up to 11.5 GB for 4.0 GB (--cuda).
 NAIVE_RAM_FACTOR = 4.7
 MERGEKIT_RAM_FACTOR = 3.0

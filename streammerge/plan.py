@@ -58,7 +58,7 @@ class OutTensor:
     shape: tuple[int, ...]
     op: Op
     target: TensorRef
-    # MERGE only: the vectors, added left to right (DESIGN.md section 2, extended in the README's "Many vectors")
+    # MERGE only: the vectors, added left to right (docs/numerics.md, "Many vectors")
     terms: tuple[Term, ...] = ()
     reason: str = ""
     file: int = -1

@@ -1,4 +1,4 @@
-"""An independent reference of DESIGN.md section 2, in numpy, written without streammerge code.
+"""An independent reference of the numerics contract (docs/numerics.md), in numpy, written without streammerge code.
 
 float32 arithmetic step by step (numpy float32 ops are IEEE round-to-nearest-even and never fused), then rounding
 to the output dtype: numpy's own float32->float16 cast for fp16, and for bf16 an explicit choice between the two

@@ -1,4 +1,4 @@
-"""Memory is bounded by the chunk size, never by tensor or model size (DESIGN.md section 4).
+"""Memory is bounded by the chunk size, never by tensor or model size (docs/memory.md).
 
 Each measurement runs in a fresh subprocess: inputs are sparse safetensors files (real headers, data holes), so a
 multi-hundred-MB tensor costs no disk; a sampler thread reads RssAnon and VmRSS from /proc every few milliseconds.

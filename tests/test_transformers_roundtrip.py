@@ -2,7 +2,7 @@
 by ``save_pretrained`` (sharded, each of the three differently), merged by streammerge, and loaded back with
 ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
-Checked: every parameter of the loaded model equals the numerics contract (DESIGN.md section 2) computed by the
+Checked: every parameter of the loaded model equals the numerics contract (docs/numerics.md) computed by the
 independent numpy reference, bit for bit; the logits equal those of the same merge done in memory; the tokenizer
 and config files were copied and load to the same tokenizer; a tied ``lm_head`` (absent from the files) follows the
 merged embedding.
