@@ -1,11 +1,22 @@
-"""One frozen options object shared by the library and the CLI."""
+"""Every merge option declared once (:data:`OPTIONS`), and the frozen options object built from user input.
+
+The declaration says, per option, what it is, which values it takes, whether it can change the output's bytes, and
+the command-line flags that set it. The command line builds its flags from it, the spec's ``[options]`` table is
+checked against it, and the manifest's record of the options (:meth:`MergeOptions.identity`) and verify's rebuild of
+them (:meth:`MergeOptions.from_identity`) follow it.
+"""
 
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
-from dataclasses import dataclass, field
+import textwrap
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 from .errors import OptionsError
 
@@ -192,32 +203,415 @@ def load_rules(path: str | os.PathLike) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+def parse_rules(texts: list[str] | tuple[str, ...]) -> tuple[Rule, ...]:
+    """Rules from ``REGEX=ALPHA`` / ``REGEX=copy-target`` / ``REGEX=skip`` strings (see :meth:`Rule.parse`)."""
+    return tuple(Rule.parse(t) for t in texts)
+
+
+# The commands of `streammerge` that take merge options (a flag lists the ones it belongs to).
+MERGE = "merge"
+PLAN = "plan"
+EXTRACT = "extract"
+APPLY = "apply"
+COMBINE = "combine"
+DEMO = "demo"
+
+
 @dataclass(frozen=True)
-class MergeOptions:
-    """Every knob of a merge. Build with :meth:`create` to validate and normalise user input.
+class CliFlag:
+    """One command-line flag that sets a merge option. `streammerge.cli` builds its typer options from these.
 
     Attributes:
-        alpha (`float`): the scale of the vector (1 adds the reasoning vector, -1 removes it).
-        device (`str`): "auto" (CUDA when a GPU and triton are present, else CPU), "cpu" or "cuda".
-        chunk_bytes (`int`): the largest buffer of any kind the engines use per chunk.
-        max_shard_size (`int`): output shard size limit in bytes (Hugging Face's 5 GB by default).
-        out_dtype (`str | None`): "BF16", "F16" or "F32" for every blended tensor; None keeps the target's dtype.
-        missing (`str`): a target tensor absent from sft or grpo: "error" or "copy-target".
-        extra (`str`): an sft/grpo tensor absent from the target: "error" or "ignore".
-        shape_mismatch (`str`): "error" or "copy-target".
-        unsupported_dtype (`str`): a floating tensor we cannot blend exactly (F64, FP8, ...): "error" or "copy-target".
-        threads (`int | None`): CPU threads for the math (None: all cores).
-        overwrite (`bool`): replace a previous streammerge output in the output directory.
-        copy_aux_files (`bool`): copy config, generation config, tokenizer and chat-template files from the target.
-        check_finite (`bool`): count elements that became NaN/inf although all three inputs were finite.
-        strict (`bool`): with ``check_finite``, fail the merge on the first such tensor.
-        rules (`tuple[Rule, ...]`): per-tensor alpha / copy-target / skip by regular expression, first match wins.
-        vocab_mismatch (`str`): embedding/lm_head row counts differ between target and sft/grpo: "error",
-            "common-rows" (blend the shared rows, keep the target's others) or "copy-target".
-        gpu_window_bytes (`int | None`): CUDA engine: size of the input windows registered with the GPU.
-        gpu_register (`bool`): CUDA engine: DMA straight from registered page-cache windows; False uses pinned
-            staging buffers filled by host threads.
-        gpu_slots (`int`): CUDA engine: device slots (3 inputs + 1 output of one chunk each) in flight.
+        param (`str`): the name of the command function's parameter that receives it.
+        decls (`tuple[str, ...]`): the flag's spellings, e.g. ``("--alpha", "-a")``.
+        help (`str`): its ``--help`` line.
+        commands (`tuple[str, ...]`): the commands that take it.
+        help_for (`dict[str, str]`): a command's own wording of the help, where it differs.
+        default (`Any`): the default as the command line spells it; None: the option's own default, or none at all
+            where ``parse`` is given.
+        type (`Any`): what the command line parses, where the option's kind does not say it (a repeatable flag).
+        parse (`Callable | None`): turns the flag's value into the option's value (applied to given values only).
+    """
+
+    param: str
+    decls: tuple[str, ...]
+    help: str
+    commands: tuple[str, ...]
+    help_for: dict[str, str] = field(default_factory=dict)
+    default: Any = None
+    type: Any = None
+    parse: Callable[[Any], Any] | None = None
+
+    def help_in(self, command: str) -> str:
+        """The help line of this flag in `command`."""
+        return self.help_for.get(command, self.help)
+
+
+# An option's kind: how a spec's [options] table must give it, how the manifest records it, what a flag parses.
+KINDS = ("float", "str", "size", "int", "bool", "rules", "table")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """The declaration of one :class:`MergeOptions` field (its name, type and default are the field's own).
+
+    Attributes:
+        name (`str`): the field.
+        kind (`str`): one of :data:`KINDS`; "size" is a byte count given as an int or a string like "64MiB".
+        help (`str`): what it does (the :class:`MergeOptions` docstring is built from these).
+        choices (`tuple[str, ...]`): the values it takes, when it is one of a few words.
+        changes_output (`bool`): it can change the output's bytes (or whether there is an output at all): recorded
+            in the manifest, part of the fingerprint that ``--resume`` checks, and restored by verify to recompute.
+        flags (`tuple[CliFlag, ...]`): the command-line flags that set it.
+    """
+
+    name: str
+    kind: str
+    help: str
+    choices: tuple[str, ...] = ()
+    changes_output: bool = False
+    flags: tuple[CliFlag, ...] = ()
+
+    @property
+    def default(self) -> Any:
+        """The field's default value."""
+        f = _FIELDS[self.name]
+        return f.default_factory() if f.default_factory is not MISSING else f.default
+
+    @property
+    def type(self) -> Any:
+        """The field's type (resolved, not the annotation string)."""
+        return typing.get_type_hints(MergeOptions)[self.name]
+
+    def cli_default(self, flag: CliFlag) -> Any:
+        """The default `flag` shows on the command line."""
+        return flag.default if flag.default is not None or flag.parse is not None else self.default
+
+
+_POLICY_COMMANDS = (MERGE, PLAN, EXTRACT, APPLY, COMBINE)
+_RUN_COMMANDS = (MERGE, EXTRACT, APPLY, COMBINE)
+_CHECK_COMMANDS = (MERGE, APPLY, COMBINE)
+_RULE_COMMANDS = (MERGE, PLAN, APPLY)
+_DEVICE_HELP = "auto (CUDA when a GPU and triton are present, else CPU), cpu or cuda."
+
+# In the order `streammerge merge --help` lists them.
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec(
+        "alpha",
+        "float",
+        "the scale of the vector (1 adds the reasoning vector, -1 removes it).",
+        changes_output=True,
+        flags=(
+            CliFlag(
+                "alpha",
+                ("--alpha", "-a"),
+                "Scale of the vector; 1 adds it, -1 removes it. Several, comma-separated (--alpha 0.5,1,1.5): one "
+                "output per alpha in OUT/alpha-A/, every input read once.",
+                (MERGE, PLAN, APPLY),
+                default="1",  # a string: the command line also takes a sweep
+            ),
+        ),
+    ),
+    OptionSpec(
+        "device",
+        "str",
+        '"auto" (CUDA when a GPU and triton are present, else CPU), "cpu" or "cuda".',
+        choices=DEVICES,
+        flags=(
+            CliFlag(
+                "device",
+                ("--device",),
+                _DEVICE_HELP,
+                (MERGE, EXTRACT, APPLY, COMBINE, DEMO),
+                help_for={COMBINE: "auto (CUDA when a GPU and triton are present, else CPU), cpu, cuda."},
+            ),
+        ),
+    ),
+    OptionSpec(
+        "chunk_bytes",
+        "size",
+        "the largest buffer of any kind the engines use per chunk.",
+        flags=(
+            CliFlag(
+                "chunk_size",
+                ("--chunk-size",),
+                "Largest buffer per chunk: bytes, or 64MiB / 512MB / 1GiB. Bounds memory.",
+                _POLICY_COMMANDS,
+                help_for={COMBINE: "Largest buffer per chunk (16MiB)."},
+                default="16MiB",
+            ),
+        ),
+    ),
+    OptionSpec(
+        "max_shard_size",
+        "size",
+        "output shard size limit in bytes (Hugging Face's 5 GB by default).",
+        changes_output=True,
+        flags=(
+            CliFlag(
+                "max_shard_size",
+                ("--max-shard-size",),
+                "Output shard size limit (decimal: 5GB = 5e9 bytes).",
+                _POLICY_COMMANDS,
+                help_for={COMBINE: "Output shard limit (5GB)."},
+                default="5GB",
+            ),
+        ),
+    ),
+    OptionSpec(
+        "out_dtype",
+        "str",
+        '"BF16", "F16" or "F32" for every blended tensor; None keeps the target\'s dtype.',
+        changes_output=True,
+        flags=(
+            CliFlag(
+                "out_dtype",
+                ("--out-dtype",),
+                "bf16, fp16 or fp32 for every blended tensor (default: target's).",
+                (MERGE, PLAN, APPLY, COMBINE),
+            ),
+        ),
+    ),
+    OptionSpec(
+        "missing",
+        "str",
+        'a target tensor absent from sft or grpo: "error" or "copy-target".',
+        choices=MISSING_POLICIES,
+        changes_output=True,
+        flags=(
+            CliFlag(
+                "missing",
+                ("--missing",),
+                "Target tensor absent from sft/grpo: error or copy-target.",
+                _POLICY_COMMANDS,
+                help_for={COMBINE: "error or copy-target."},
+            ),
+        ),
+    ),
+    OptionSpec(
+        "extra",
+        "str",
+        'an sft/grpo tensor absent from the target: "error" or "ignore".',
+        choices=EXTRA_POLICIES,
+        changes_output=True,
+        flags=(
+            CliFlag(
+                "extra",
+                ("--extra",),
+                "sft/grpo tensor absent from the target: error or ignore.",
+                _POLICY_COMMANDS,
+                help_for={COMBINE: "error or ignore."},
+            ),
+        ),
+    ),
+    OptionSpec(
+        "shape_mismatch",
+        "str",
+        '"error" or "copy-target".',
+        choices=SHAPE_POLICIES,
+        changes_output=True,
+        flags=(
+            CliFlag(
+                "shape_mismatch",
+                ("--shape-mismatch",),
+                "Shapes differ across the three: error or copy-target.",
+                _POLICY_COMMANDS,
+                help_for={COMBINE: "error or copy-target."},
+            ),
+        ),
+    ),
+    OptionSpec(
+        "unsupported_dtype",
+        "str",
+        'a floating tensor we cannot blend exactly (F64, FP8, ...): "error" or "copy-target".',
+        choices=UNSUPPORTED_POLICIES,
+        changes_output=True,
+        flags=(
+            CliFlag(
+                "unsupported_dtype",
+                ("--unsupported-dtype",),
+                "Floating tensor not in bf16/fp16/fp32 (F64, FP8): error or copy-target.",
+                (MERGE, PLAN, COMBINE),
+                help_for={COMBINE: "error or copy-target."},
+            ),
+        ),
+    ),
+    OptionSpec(
+        "vocab_mismatch",
+        "str",
+        'embedding/lm_head row counts differ between target and sft/grpo: "error", "common-rows" (blend the shared '
+        'rows, keep the target\'s others) or "copy-target".',
+        choices=VOCAB_POLICIES,
+        changes_output=True,
+        flags=(
+            CliFlag(
+                "vocab_mismatch",
+                ("--vocab-mismatch",),
+                "Embedding/lm_head row counts differ (resized tokenizer): error, common-rows or copy-target.",
+                (MERGE, PLAN, APPLY, COMBINE),
+                help_for={COMBINE: "error, common-rows or copy-target."},
+            ),
+        ),
+    ),
+    OptionSpec(
+        "rules",
+        "rules",
+        "per-tensor alpha / copy-target / skip by regular expression, first match wins.",
+        changes_output=True,
+        flags=(  # both add up: the --rule ones first, then the file's
+            CliFlag(
+                "rule",
+                ("--rule",),
+                "Per-tensor rule REGEX=ALPHA, REGEX=copy-target or REGEX=skip (regex searched in the name); "
+                "repeatable, first match wins.",
+                _RULE_COMMANDS,
+                type=list[str],
+                parse=parse_rules,
+            ),
+            CliFlag(
+                "rules",
+                ("--rules",),
+                "TOML file of [[rule]] tables (pattern + alpha or action).",
+                _RULE_COMMANDS,
+                parse=load_rules,
+            ),
+        ),
+    ),
+    OptionSpec(
+        "threads",
+        "int",
+        "CPU threads for the math (None: all cores).",
+        flags=(CliFlag("threads", ("--threads",), "CPU threads for the math (default: all cores).", _RUN_COMMANDS),),
+    ),
+    OptionSpec(
+        "gpu_window_bytes",
+        "size",
+        "CUDA engine: size of the input windows registered with the GPU.",
+        flags=(
+            CliFlag(
+                "gpu_window_size",
+                ("--gpu-window-size",),
+                "CUDA: input window registered with the GPU (256MiB).",
+                (MERGE,),
+            ),
+        ),
+    ),
+    OptionSpec(
+        "gpu_register",
+        "bool",
+        "CUDA engine: DMA straight from registered page-cache windows; False uses pinned staging buffers filled by "
+        "host threads.",
+        flags=(
+            CliFlag(
+                "gpu_staging",
+                ("--gpu-staging",),
+                "CUDA: copy inputs through pinned staging buffers, no registration.",
+                (MERGE,),
+                default=False,
+                parse=operator.not_,
+            ),
+        ),
+    ),
+    OptionSpec(
+        "gpu_slots",
+        "int",
+        "CUDA engine: device slots (3 inputs + 1 output of one chunk each) in flight.",
+        flags=(CliFlag("gpu_slots", ("--gpu-slots",), "CUDA: chunks in flight on the device.", (MERGE,)),),
+    ),
+    OptionSpec(
+        "overwrite",
+        "bool",
+        "replace a previous streammerge output in the output directory.",
+        flags=(
+            CliFlag(
+                "overwrite",
+                ("--overwrite",),
+                "Replace a previous streammerge output.",
+                _RUN_COMMANDS,
+                help_for={MERGE: "Replace a previous streammerge output in OUT."},
+            ),
+        ),
+    ),
+    OptionSpec(
+        "check_finite",
+        "bool",
+        "count elements that became NaN/inf although all three inputs were finite.",
+        flags=(
+            CliFlag(
+                "check_finite",
+                ("--check-finite",),
+                "Report tensors that became NaN/inf from finite inputs.",
+                _CHECK_COMMANDS,
+            ),
+        ),
+    ),
+    OptionSpec(
+        "strict",
+        "bool",
+        "with ``check_finite``, fail the merge on the first such tensor.",
+        flags=(CliFlag("strict", ("--strict",), "With --check-finite: fail on such a tensor.", _CHECK_COMMANDS),),
+    ),
+    OptionSpec(
+        "copy_aux_files",
+        "bool",
+        "copy config, generation config, tokenizer and chat-template files from the target.",
+        changes_output=True,
+    ),
+    OptionSpec(
+        "extra_metadata",
+        "table",
+        "string metadata added to every output shard's header.",
+        changes_output=True,
+    ),
+)
+
+OPTION = {s.name: s for s in OPTIONS}
+
+# The manifest's record of the options (MergeOptions.identity): every option that can change the output, and
+# check_finite and strict, which change no byte but must keep a strict run from resuming on shards an unchecked run
+# wrote. In the order manifests have always listed them: the manifest is written unsorted, so the order is part of
+# its bytes.
+IDENTITY_FIELDS = (
+    "alpha",
+    "out_dtype",
+    "missing",
+    "extra",
+    "shape_mismatch",
+    "unsupported_dtype",
+    "max_shard_size",
+    "copy_aux_files",
+    "extra_metadata",
+    "rules",
+    "check_finite",
+    "strict",
+    "vocab_mismatch",
+)
+
+
+def _record(kind: str, value: Any) -> Any:
+    """A field's value as the manifest records it (JSON)."""
+    if kind == "float":
+        return repr(float(value))
+    if kind == "rules":
+        return [r.describe() for r in value]
+    if kind == "table":
+        return dict(value)
+    return value
+
+
+def _restore(kind: str, value: Any) -> Any:
+    """A field's value back from its record (the inverse of :func:`_record`)."""
+    if kind == "float":
+        return float(value)
+    if kind == "rules":
+        return tuple(Rule.parse(r) for r in value)
+    return value
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every knob of a merge. Build with :meth:`create` to validate and normalise user input; each field is declared
+    (what it does, its values, its flags) in :data:`OPTIONS`, from which the attribute list below is built.
     """
 
     alpha: float = 1.0
@@ -296,3 +690,48 @@ class MergeOptions:
     def chunk_elems(self) -> int:
         """Elements per chunk: every buffer, float32 scratch included, stays within ``chunk_bytes``."""
         return max(1, self.chunk_bytes // 4)
+
+    def replace(self, **changes) -> MergeOptions:
+        """These options with some fields changed, validated as :meth:`create` validates (rules stay `Rule` objects).
+
+        Example:
+            ```py
+            >>> MergeOptions.create(alpha=1.0, out_dtype="bf16").replace(alpha=0.5).out_dtype
+            'BF16'
+            ```
+        """
+        return MergeOptions.create(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    def identity(self) -> dict:
+        """The options as a merge's manifest records them (:data:`IDENTITY_FIELDS`, in that order): JSON values,
+        alpha as the ``repr`` of its float, rules as their ``REGEX=...`` text. Part of the fingerprint ``--resume``
+        checks; :meth:`from_identity` reads it back."""
+        return {name: _record(OPTION[name].kind, getattr(self, name)) for name in IDENTITY_FIELDS}
+
+    @classmethod
+    def from_identity(cls, identity: dict, **overrides) -> MergeOptions:
+        """The options that shape an output's bytes, from a manifest's record of them (:meth:`identity`): fields
+        absent from it keep their defaults, as do those that change no byte (check_finite, strict, the engine's).
+        ``overrides`` (any field, as :meth:`create` takes it) win, e.g. ``chunk_bytes="4MiB"`` to recompute in small
+        chunks. Keys other than options (the plan's kind, a combine's vectors) are ignored."""
+        restored = {
+            name: _restore(OPTION[name].kind, identity[name])
+            for name in IDENTITY_FIELDS
+            if OPTION[name].changes_output and identity.get(name) is not None
+        }
+        return cls.create(**{**restored, **overrides})
+
+
+_FIELDS = {f.name: f for f in fields(MergeOptions)}
+
+
+def _attributes_doc() -> str:
+    """The docstring's attribute list, in field order, from the declaration."""
+    lines = ["", "    Attributes:"]
+    for f in fields(MergeOptions):  # f.type: the annotation as written (this module postpones annotations)
+        text = f"{f.name} (`{f.type}`): {OPTION[f.name].help}"
+        lines += textwrap.wrap(text, 120, initial_indent=" " * 8, subsequent_indent=" " * 12)
+    return "\n".join(lines) + "\n    "
+
+
+MergeOptions.__doc__ = (MergeOptions.__doc__ or "").rstrip() + "\n" + _attributes_doc()

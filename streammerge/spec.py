@@ -34,20 +34,28 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import OptionsError
-from .options import Rule
+from .options import OPTION, MergeOptions, Rule
 
 SPEC_KEYS = ("target", "vectors", "rules", "options")
 VECTOR_KEYS = ("sft", "grpo", "vector", "alpha", "rules")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-# [options] keys by the type a spec must give them in (sizes: "64MiB" or a byte count)
-_BOOL_OPTIONS = ("overwrite", "copy_aux_files", "check_finite", "strict", "gpu_register")
-_INT_OPTIONS = ("threads", "gpu_slots")
-_SIZE_OPTIONS = ("chunk_bytes", "max_shard_size", "gpu_window_bytes")
-_STR_OPTIONS = ("device", "out_dtype", "missing", "extra", "shape_mismatch", "unsupported_dtype", "vocab_mismatch")
+# Options a spec gives elsewhere than in its [options] table.
+ELSEWHERE_IN_SPEC = ("alpha", "rules")
+# What an [options] value of each kind must be (sizes: "64MiB" or a byte count), and how the error says it.
+_KIND_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "size": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), 'a size like "64MiB" or a byte count'),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "table": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()),
+        "a table of strings",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -121,36 +129,20 @@ def _alpha(where: str, value) -> float:
     return a
 
 
-def _option_kind(key: str) -> tuple[Callable[[object], bool], str]:
-    if key in _BOOL_OPTIONS:
-        return (lambda v: isinstance(v, bool)), "true or false"
-    if key in _INT_OPTIONS:
-        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
-    if key in _SIZE_OPTIONS:
-        return (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool)), 'a size like "64MiB" or a byte count'
-    if key in _STR_OPTIONS:
-        return (lambda v: isinstance(v, str)), "a string"
-    return (
-        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
-    ), "a table of strings"
-
-
 def _options(source: str, options) -> dict:
-    """Check an ``[options]`` table key by key, so an error names the spec and the key."""
-    from dataclasses import fields
-
-    from .options import MergeOptions
-
+    """Check an ``[options]`` table key by key against the declaration (`streammerge.options.OPTIONS`), so an error
+    names the spec and the key."""
     if not isinstance(options, dict):
         raise OptionsError(f"{source}: 'options' must be a table of merge options")
-    known = [f.name for f in fields(MergeOptions) if f.name not in ("alpha", "rules")]
+    # in MergeOptions' field order, as the error has always listed them
+    known = [f.name for f in fields(MergeOptions) if f.name not in ELSEWHERE_IN_SPEC]
     for key, value in options.items():
         where = f"{source}: [options] {key}"
-        if key in ("alpha", "rules"):
+        if key in ELSEWHERE_IN_SPEC:
             raise OptionsError(f"{where}: not allowed here: alphas go in each vector, rules at the top level")
         if key not in known:
             raise OptionsError(f"{where}: unknown option; known: {', '.join(known)}")
-        ok, kind = _option_kind(key)
+        ok, kind = _KIND_CHECKS[OPTION[key].kind]
         if not ok(value):
             raise OptionsError(f"{where}: must be {kind}, got {value!r}")
         try:
