@@ -184,7 +184,7 @@ def test_cli_progress_bar_follows_phases(monkeypatch):
     """The CLI's bar (shown on a terminal) relabels itself when verify moves from hashing to recomputing."""
     import rich.console
 
-    from streammerge import cli
+    from streammerge.cli.output import with_progress
     from streammerge.engines import Progress
 
     monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
@@ -195,8 +195,8 @@ def test_cli_progress_bar_follows_phases(monkeypatch):
             progress(Progress(5, 10, 1, 2, "w", phase))
         return "done"
 
-    assert cli._with_progress(run, quiet=False, label="verifying") == "done"
-    assert cli._with_progress(lambda progress=None: progress, quiet=True) is None  # quiet: no bar, no callback
+    assert with_progress(run, quiet=False, label="verifying") == "done"
+    assert with_progress(lambda progress=None: progress, quiet=True) is None  # quiet: no bar, no callback
 
 
 def test_verify_reports_a_manifest_with_a_bad_size_as_a_failure(merged):
