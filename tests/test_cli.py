@@ -30,7 +30,7 @@ def test_merge_ok(small_trio, tmp_path):
 
 def test_cli_options_reach_the_merge(small_trio, tmp_path):
     import numpy as np
-    from conftest import raw_bits
+    from helpers import raw_bits
     from reference import expected_bits
 
     out = tmp_path / "out"

@@ -3,12 +3,15 @@
 Merge options are declared once, in `streammerge.options.OPTIONS`. :func:`with_merge_options` turns the
 declaration into typer options by extending a command function's ``__signature__`` with one ``inspect.Parameter``
 per flag, annotated ``Annotated[type, typer.Option(...)]`` like any hand-written typer parameter, and hands the
-command the values given as one dict. Why this way: typer builds a command from ``inspect.signature(callback)``
-(``typer.utils.get_params_from_function``), and ``inspect.signature`` honours ``__signature__``, so the flags are
-ordinary typer options made with typer's public API only, with no click objects and no generated source. The
-alternative, writing every flag out in every command (as this CLI did), mirrored each option's help, default and
-spelling by hand in five places; mergekit's ``add_merge_options`` loops over its option fields the same way with
-click decorators. `tests/test_options_declared.py` checks every flag reaches typer.
+command the values given as one dict.
+
+Why this way: typer has no feature for options shared by many commands (its issues #153 and #405 ask for one), but
+it builds every command from ``inspect.signature(callback)`` (``typer.utils.get_params_from_function``, the same in
+the 0.27 and 0.29 sources), and ``inspect.signature`` honours ``__signature__``. So the flags are ordinary typer
+options made with typer's public API only: no click objects (typer moved click into a private module in 0.26), no
+generated source. Writing every flag out in every command, as this CLI did, mirrored each option's help, default
+and spelling by hand in five commands; mergekit's ``add_merge_options`` loops over its option fields the same way
+with click decorators. `tests/test_options_declared.py` checks that every declared flag reaches typer as declared.
 """
 
 from __future__ import annotations

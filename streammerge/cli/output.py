@@ -62,8 +62,7 @@ def print_plan(summary: dict, out: str | None) -> None:
 def show_plan(p, out: str | None, as_json: bool) -> None:
     """A plan (`MergePlan`) as text, or as JSON with ``--json``."""
     summary = p.summary()
-    # check_disk_space records the free space on the plan when it was given an output directory
-    summary["free_disk"] = getattr(p, "free_disk", None)
+    summary["free_disk"] = p.free_disk  # known when the plan was checked against an output directory
     if as_json:
         print_json(summary)
     else:
