@@ -87,13 +87,15 @@ def with_merge_options(command: str, *, overrides_spec: bool = False) -> Callabl
 
     def decorate(fn: Callable) -> Callable:
         own = list(inspect.signature(fn, eval_str=True).parameters.values())
-        at = [p.name for p in own].index("flags")
+        at = next((i for i, p in enumerate(own) if p.name == "flags"), None)
+        if at is None:
+            raise TypeError(f"{fn.__name__}: a command with merge options declares a keyword-only `flags` parameter")
         params = [*own[:at], *(_parameter(s, f, command, overrides_spec) for s, f in declared), *own[at + 1 :]]
         for name, anchor in PLACED_AFTER.items():
-            if anchor in names and name in [p.name for p in params]:
-                moved = next(p for p in params if p.name == name)
+            moved = next((p for p in params if p.name == name), None)
+            if moved is not None and anchor in names:
                 params.remove(moved)
-                params.insert([p.name for p in params].index(anchor) + 1, moved)
+                params.insert(next(i for i, p in enumerate(params) if p.name == anchor) + 1, moved)
 
         @functools.wraps(fn)
         def command_fn(**kwargs: Any) -> Any:
