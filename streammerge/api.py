@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from . import recipes
@@ -38,9 +37,7 @@ __all__ = [
 
 def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
     if options is not None:
-        if kwargs:
-            current = {f.name: getattr(options, f.name) for f in fields(options)}  # keeps Rule objects intact
-            options = MergeOptions.create(**{**current, **kwargs})
+        options = options.replace(**kwargs) if kwargs else options
         options.validate()
         return options
     return MergeOptions.create(**kwargs)
@@ -137,6 +134,7 @@ def merge(
     sink: str = "disk",
     part: str | None = None,
     distributed: str = "auto",
+    dist_timeout: float | None = None,
     push_to: str | None = None,
     private: bool = False,
     **kwargs,
@@ -158,6 +156,11 @@ def merge(
             dry runs); "null-sha256" also reports each file's SHA-256 (to compare engines without disk space).
         push_to (`str`, *optional*): a Hub repository id to upload the finished, verified output to.
         private (`bool`, defaults to False): create the pushed repository as private.
+        part (`str`, *optional*): ``"I/N"``: write only part I of N of the output files and no index, for
+            independent jobs (a SLURM array); :func:`finalize` publishes the output when every part is done.
+        distributed (`str`, defaults to "auto"): "auto" joins a torchrun job when ``WORLD_SIZE`` > 1 (each rank
+            writes its part, rank 0 finalizes; every rank returns only after that); "off" never does.
+        dist_timeout (`float`, *optional*): torchrun: seconds a rank waits for the others at a step (2 hours).
         **kwargs: any other `MergeOptions` field: ``chunk_bytes`` (int or "64MiB"), ``max_shard_size`` ("5GB"),
             ``out_dtype`` ("bf16"/"fp16"/"fp32"), ``missing``, ``extra``, ``shape_mismatch``,
             ``unsupported_dtype``, ``threads``, ``overwrite``, ``copy_aux_files``.
@@ -182,7 +185,15 @@ def merge(
     opts = _options(options, {**_explicit(alpha=alpha, device=device), **kwargs})
     job = recipes.trio(target, sft, grpo, opts)
     how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
-    return _run_one(job, out if out is not None else "(null sink)", opts, started, distributed=distributed, **how)[0]
+    return _run_one(
+        job,
+        out if out is not None else "(null sink)",
+        opts,
+        started,
+        distributed=distributed,
+        dist_timeout=dist_timeout,
+        **how,
+    )[0]
 
 
 def sweep(
@@ -199,6 +210,7 @@ def sweep(
     sink: str = "disk",
     part: str | None = None,
     distributed: str = "auto",
+    dist_timeout: float | None = None,
     **kwargs,
 ) -> list[MergeReport]:
     """Several alphas in one pass: ``out/alpha-A = target + A * (grpo - sft)`` for each ``A`` in ``alphas``.
@@ -248,6 +260,7 @@ def combine(
     sink: str = "disk",
     part: str | None = None,
     distributed: str = "auto",
+    dist_timeout: float | None = None,
     push_to: str | None = None,
     private: bool = False,
     **kwargs,
@@ -275,7 +288,7 @@ def combine(
     opts = recipes.spec_options(sp, options, {**_explicit(device=device), **kwargs})
     job = recipes.combine(sp, opts)
     how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
-    return _run_one(job, out, opts, started, distributed=distributed, **how)[0]
+    return _run_one(job, out, opts, started, distributed=distributed, dist_timeout=dist_timeout, **how)[0]
 
 
 def extract(
@@ -290,6 +303,7 @@ def extract(
     sink: str = "disk",
     part: str | None = None,
     distributed: str = "auto",
+    dist_timeout: float | None = None,
     **kwargs,
 ) -> MergeReport:
     """Write the vector ``v = grpo - sft`` as a safetensors checkpoint, to apply later with :func:`apply`.
@@ -326,6 +340,7 @@ def apply(
     sink: str = "disk",
     part: str | None = None,
     distributed: str = "auto",
+    dist_timeout: float | None = None,
     push_to: str | None = None,
     private: bool = False,
     any_vector: bool = False,
@@ -341,7 +356,7 @@ def apply(
     opts = _options(options, {**_explicit(alpha=alpha, device=device), **kwargs})
     job = recipes.apply(target, vector, [opts.alpha], opts, any_vector)
     how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
-    return _run_one(job, out, opts, started, distributed=distributed, **how)[0]
+    return _run_one(job, out, opts, started, distributed=distributed, dist_timeout=dist_timeout, **how)[0]
 
 
 def apply_sweep(
@@ -357,6 +372,7 @@ def apply_sweep(
     sink: str = "disk",
     part: str | None = None,
     distributed: str = "auto",
+    dist_timeout: float | None = None,
     any_vector: bool = False,
     **kwargs,
 ) -> list[MergeReport]:

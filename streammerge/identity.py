@@ -98,22 +98,9 @@ def merge_identity(p: MergePlan, ckpts: Mapping[str, Checkpoint | None], inputs:
     the output layout, with a fingerprint over all of it. Recorded in the manifest; ``resume`` requires a match.
     ``inputs``: :func:`input_identity` of ``ckpts`` when already computed (a sweep's outputs share it)."""
     inputs = inputs if inputs is not None else input_identity(ckpts)
-    o = p.options
+    # the byte-relevant options as declared (options.IDENTITY_FIELDS), then what the plan adds
     options = {
-        "alpha": repr(float(o.alpha)),
-        "out_dtype": o.out_dtype,
-        "missing": o.missing,
-        "extra": o.extra,
-        "shape_mismatch": o.shape_mismatch,
-        "unsupported_dtype": o.unsupported_dtype,
-        "max_shard_size": o.max_shard_size,
-        "copy_aux_files": o.copy_aux_files,
-        "extra_metadata": dict(o.extra_metadata),
-        "rules": [r.describe() for r in o.rules],
-        # not byte-relevant, but a strict run must not keep shards an unchecked run wrote
-        "check_finite": o.check_finite,
-        "strict": o.strict,
-        "vocab_mismatch": o.vocab_mismatch,
+        **p.options.identity(),
         "kind": p.kind,
         **({"vectors": p.vectors} if p.kind is PlanKind.COMBINE else {}),
     }

@@ -7,7 +7,7 @@ without reaching up into api.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from .checkpoint import TensorSource
 from .errors import OptionsError
@@ -74,10 +74,6 @@ def check_sweep_alphas(values: list[float]) -> None:
         raise OptionsError(f"alpha: repeated value(s) {', '.join(dup)}; give each alpha once")
 
 
-def with_alpha(opts: MergeOptions, alpha: float) -> MergeOptions:
-    return MergeOptions.create(**{f.name: getattr(opts, f.name) for f in fields(opts)} | {"alpha": alpha})
-
-
 def _planned(build, opened: dict[str, TensorSource]) -> Planned:
     """Run ``build()`` -> (plan, engine inputs); close what was opened if it raises."""
     try:
@@ -101,7 +97,7 @@ def trio(
         t, s, g = (opened[k] for k in ("target", "sft", "grpo"))
         if alphas is None:
             return build_plan(t, s, g, opts, sources=sources), opened
-        return sweep_plan([build_plan(t, s, g, with_alpha(opts, a), sources=sources) for a in alphas]), opened
+        return sweep_plan([build_plan(t, s, g, opts.replace(alpha=a), sources=sources) for a in alphas]), opened
 
     return _planned(build, opened)
 
@@ -139,7 +135,7 @@ def apply(target, vector, alphas: list[float], opts: MergeOptions, any_vector: b
             )
         src = sources or {"target": opened["target"].source, "sft": "-", "grpo": vec.source}
         t, s = opened["target"], opened["sft"]
-        plans = [build_plan(t, s, vec, with_alpha(opts, a), sources=src, kind=PlanKind.APPLY) for a in alphas]
+        plans = [build_plan(t, s, vec, opts.replace(alpha=a), sources=src, kind=PlanKind.APPLY) for a in alphas]
         return (sweep_plan(plans) if len(plans) > 1 else plans[0]), {"target": t, "sft": None, "grpo": vec}
 
     return _planned(build, opened)
@@ -149,8 +145,7 @@ def spec_options(spec: Spec, options: MergeOptions | None, kwargs: dict) -> Merg
     """A spec's ``[options]`` and rules, overridden by ``options`` and then by keywords."""
     base = {**spec.options, **({"rules": spec.rules} if spec.rules else {})}
     if options is not None:
-        current = {f.name: getattr(options, f.name) for f in fields(options)}
-        return MergeOptions.create(**{**current, **base, **kwargs})
+        return options.replace(**{**base, **kwargs})
     try:
         return MergeOptions.create(**{**base, **kwargs})
     except TypeError as e:

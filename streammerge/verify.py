@@ -172,24 +172,10 @@ def _recompute(
 
     from .engines import EngineStats
     from .engines.cpu import CpuEngine, iter_work
-    from .options import Rule
 
     o = manifest.get("options", {})
     kind = o.get("kind", "merge")
-    opts = MergeOptions.create(
-        rules=tuple(Rule.parse(r) for r in o.get("rules", [])),
-        vocab_mismatch=o.get("vocab_mismatch", "error"),
-        alpha=float(o.get("alpha", "1.0")),
-        out_dtype=o.get("out_dtype"),
-        missing=o.get("missing", "error"),
-        extra=o.get("extra", "error"),
-        shape_mismatch=o.get("shape_mismatch", "error"),
-        unsupported_dtype=o.get("unsupported_dtype", "error"),
-        max_shard_size=o.get("max_shard_size", 5 * 10**9),
-        copy_aux_files=o.get("copy_aux_files", True),
-        extra_metadata=o.get("extra_metadata", {}),
-        chunk_bytes="4MiB",
-    )
+    opts = MergeOptions.from_identity(o, chunk_bytes="4MiB")  # small chunks: a sample costs little to read
     outs: dict[int, Checkpoint] = {}
     sources = manifest.get("sources")
     if spec is not None:

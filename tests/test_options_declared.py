@@ -102,6 +102,8 @@ def test_flags_keep_their_help_order():
         "sink",
         "push_to",
         "private",
+        "part",
+        "dist_timeout",
         "quiet",
         "as_json",
     ]

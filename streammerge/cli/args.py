@@ -39,6 +39,19 @@ PushToOpt = Annotated[
     str | None, typer.Option("--push-to", help="Upload the finished, verified output to this Hub repo id.")
 ]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="With --push-to: create the repo as private.")]
+PartOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--part",
+        help="Write only part I of N of the output files (e.g. 2/4), for jobs without a rendezvous (SLURM arrays, "
+        "other machines, other times); no index: run `streammerge finalize OUT` when every part is done. Under "
+        "torchrun each rank takes its part by itself.",
+    ),
+]
+DistTimeoutOpt = Annotated[
+    float | None,
+    typer.Option("--dist-timeout", help="torchrun: seconds a rank waits for the others at a step (default 7200)."),
+]
 
 # What a command decorated with `with_merge_options` receives: {flag parameter name: value given}.
 MergeFlags = dict[str, Any]

@@ -7,11 +7,13 @@ from typing import Annotated
 import typer
 
 from .args import (
+    DistTimeoutOpt,
     DryRunOpt,
     GrpoArg,
     JsonOpt,
     MergeFlags,
     OutOrNullOpt,
+    PartOpt,
     PrivateOpt,
     PushToOpt,
     QuietOpt,
@@ -44,6 +46,8 @@ def merge(
     ] = "disk",
     push_to: PushToOpt = None,
     private: PrivateOpt = False,
+    part: PartOpt = None,
+    dist_timeout: DistTimeoutOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -60,6 +64,10 @@ def merge(
       streammerge merge t/ s/ g/ -o out/ --device cuda --chunk-size 256MiB --max-shard-size 10GB
 
       streammerge merge Qwen/Qwen2.5-1.5B-Instruct org/sft@main org/grpo -o out/ --push-to me/merged --private
+
+      torchrun --nnodes 4 --nproc-per-node 8 ... -m streammerge merge t/ s/ g/ -o /shared/out/   # ranks split the files
+
+      streammerge merge t/ s/ g/ -o /shared/out/ --part 2/4 && streammerge finalize /shared/out/
 
     TARGET, SFT and GRPO are local paths or Hub repo ids (org/name[@revision]).
     """
@@ -87,7 +95,17 @@ def merge(
 
             def run(progress=None):
                 return sweep_fn(
-                    target, sft, grpo, out, sweep, options=opts, progress=progress, resume=resume, sink=sink
+                    target,
+                    sft,
+                    grpo,
+                    out,
+                    sweep,
+                    options=opts,
+                    progress=progress,
+                    resume=resume,
+                    sink=sink,
+                    part=part,
+                    dist_timeout=dist_timeout,
                 )
 
         else:
@@ -105,6 +123,8 @@ def merge(
                     sink=sink,
                     push_to=push_to,
                     private=private,
+                    part=part,
+                    dist_timeout=dist_timeout,
                 )
 
         run_and_report(run, opts.check_finite, quiet, as_json)

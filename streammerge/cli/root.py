@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import demo, headers, merge, vectors, verify, version
+from . import demo, finalize, headers, merge, vectors, verify, version
 
 app = typer.Typer(
     name="streammerge",
@@ -26,6 +26,7 @@ app.command()(vectors.combine)
 app.command()(headers.inspect)
 app.command()(demo.demo)
 app.command()(verify.verify)
+app.command()(finalize.finalize)
 app.command()(version.version)
 
 

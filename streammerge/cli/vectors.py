@@ -7,11 +7,13 @@ from typing import Annotated
 import typer
 
 from .args import (
+    DistTimeoutOpt,
     DryRunOpt,
     GrpoArg,
     JsonOpt,
     MergeFlags,
     OutOrNullOpt,
+    PartOpt,
     PrivateOpt,
     PushToOpt,
     QuietOpt,
@@ -35,6 +37,8 @@ def extract(
     *,
     flags: MergeFlags,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted extraction.")] = False,
+    part: PartOpt = None,
+    dist_timeout: DistTimeoutOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -56,7 +60,17 @@ def extract(
         opts = MergeOptions.create(**option_kwargs(flags))
 
         def run(progress=None):
-            return extract_fn(sft, grpo, out, dtype=dtype, options=opts, progress=progress, resume=resume)
+            return extract_fn(
+                sft,
+                grpo,
+                out,
+                dtype=dtype,
+                options=opts,
+                progress=progress,
+                resume=resume,
+                part=part,
+                dist_timeout=dist_timeout,
+            )
 
         run_and_report(run, opts.check_finite, quiet, as_json, label="extracting")
 
@@ -78,6 +92,8 @@ def apply(
     any_vector: Annotated[
         bool, typer.Option("--any-vector", help="Accept a VECTOR not written by `streammerge extract`.")
     ] = False,
+    part: PartOpt = None,
+    dist_timeout: DistTimeoutOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -105,7 +121,16 @@ def apply(
 
             def run(progress=None):
                 return apply_sweep(
-                    target, vector, out, alphas, options=opts, progress=progress, resume=resume, any_vector=any_vector
+                    target,
+                    vector,
+                    out,
+                    alphas,
+                    options=opts,
+                    progress=progress,
+                    resume=resume,
+                    any_vector=any_vector,
+                    part=part,
+                    dist_timeout=dist_timeout,
                 )
 
         else:
@@ -122,6 +147,8 @@ def apply(
                     push_to=push_to,
                     private=private,
                     any_vector=any_vector,
+                    part=part,
+                    dist_timeout=dist_timeout,
                 )
 
         run_and_report(run, opts.check_finite, quiet, as_json)
@@ -142,6 +169,8 @@ def combine(
     sink: Annotated[str, typer.Option("--sink", help="disk, null or null-sha256 (benchmarks).")] = "disk",
     push_to: PushToOpt = None,
     private: PrivateOpt = False,
+    part: PartOpt = None,
+    dist_timeout: DistTimeoutOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -185,7 +214,16 @@ def combine(
 
         def run(progress=None):
             return combine_fn(
-                spec, out, progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, **kw
+                spec,
+                out,
+                progress=progress,
+                resume=resume,
+                sink=sink,
+                push_to=push_to,
+                private=private,
+                part=part,
+                dist_timeout=dist_timeout,
+                **kw,
             )
 
         run_and_report(run, kw.get("check_finite", False), quiet, as_json)
