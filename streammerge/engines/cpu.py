@@ -292,8 +292,9 @@ class CpuEngine:
 
 
 def _merge_block(tv, pairs, alphas, d, r, out_dtype: str, outs: list[torch.Tensor], w=None) -> None:
-    """DESIGN.md section 2 on one cache-sized block, for each output ``k``: ``r = t32``, then for each vector
-    ``r = r + a32[k][i] * (p32 - m32)`` (separate roundings, never fused), and one rounding into ``outs[k]``.
+    """The numerics contract (docs/numerics.md) on one cache-sized block, for each output ``k``: ``r = t32``, then
+    for each vector ``r = r + a32[k][i] * (p32 - m32)`` (separate roundings, never fused), and one rounding into
+    ``outs[k]``.
 
     ``pairs``: (plus, minus) per vector, minus None for a stored vector (apply). ``tv`` None (extract a vector, one
     vector only): the result is the scaled difference itself. With one vector the difference is computed once for
