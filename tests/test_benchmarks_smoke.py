@@ -138,7 +138,10 @@ def test_gpu_check_plumbing_on_the_simulated_device(tmp_path):
     assert "failed steps: none" in done.stdout, done.stdout[-3000:]
     result = json.loads(next((tmp_path / "res").glob("gpu_check-*.json")).read_text())
     steps = result["steps"]
-    assert all(r.get("bytes_equal_cpu") for k, r in steps["pipeline"]["runs"].items() if k.startswith("cuda"))
+    cuda_runs = {k: r for k, r in steps["pipeline"]["runs"].items() if k.startswith("cuda")}
+    assert cuda_runs and all(r.get("bytes_equal_cpu") for r in cuda_runs.values())
+    # They ran on the CUDA engine (on the simulated device), not on an engine chosen for the machine.
+    assert all("engine: cuda (gpu_check)" in r["warnings"] for r in cuda_runs.values()), cuda_runs
     assert steps["e2e"]["bytes_equal"] is True
     assert steps["sweep"]["bytes_equal"] is True and steps["sweep"]["combine_bytes_equal"] is True
 

@@ -71,19 +71,20 @@ def cuda_engine(**kw):
 
 
 def with_engine(engine):
-    """Make every merge from here on run on ``engine``; returns the engine selection to restore."""
-    from streammerge import api
+    """Make every merge from here on run on ``engine`` (the orchestration's engine choice, ``run.select_engine``,
+    replaced); returns the engine choice to restore."""
+    from streammerge import run
 
-    original = api.select_engine
-    api.select_engine = lambda device, threads=None, opts=None: (engine, f"{engine.name} (gpu_check)")
+    original = run.select_engine
+    run.select_engine = lambda device, threads=None, opts=None: (engine, f"{engine.name} (gpu_check)")
     return original
 
 
 def restore_engine(original) -> None:
     """Undo :func:`with_engine`."""
-    from streammerge import api
+    from streammerge import run
 
-    api.select_engine = original
+    run.select_engine = original
 
 
 def run_merge(trio, out, engine=None, **kw) -> dict:

@@ -28,6 +28,7 @@ def run(state: dict) -> dict:
         return {"skipped": "no CUDA GPU"}
     import numpy as np
     import torch
+
     from streammerge.kernels import triton_merge as tm
 
     n = SIZES[state["size"]]["kernel_elems"]
