@@ -276,7 +276,7 @@ def cpu_outputs(mixed_trio, tmp_path_factory) -> dict[str, dict[str, str]]:
 
 
 def _with_engine(monkeypatch, engine) -> None:
-    monkeypatch.setattr(run, "select_engine", lambda device, threads=None, opts=None: (engine, f"{engine.name} (test)"))
+    monkeypatch.setattr(run, "select_engine", lambda *args, **kwargs: (engine, f"{engine.name} (test)"))
 
 
 def _check_sim_clean(sim: ce.SimBackend, stats_notes: list[str]) -> None:

@@ -76,7 +76,7 @@ def with_engine(engine):
     from streammerge import run
 
     original = run.select_engine
-    run.select_engine = lambda device, threads=None, opts=None: (engine, f"{engine.name} (gpu_check)")
+    run.select_engine = lambda *args, **kwargs: (engine, f"{engine.name} (gpu_check)")
     return original
 
 
