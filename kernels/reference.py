@@ -1,4 +1,4 @@
-"""Pure-torch implementation of the numerics contract (DESIGN.md section 2), shared by the CPU engine.
+"""Pure-torch implementation of the numerics contract (docs/numerics.md), shared by the CPU engine.
 
 Per element, with x32 the exact widening of the stored value to float32 and a32 = float32(alpha):
 
@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import torch
 
-OUT_DTYPES: dict[str, torch.dtype] = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-CANONICAL_NAN_BITS: dict[str, int] = {"BF16": 0x7FC0, "F16": 0x7E00, "F32": 0x7FC00000}
+from ..dtypes import BITS_VIEW_NAMES, BLENDABLE_DTYPES, CANONICAL_NAN_BITS, DTYPE_BITS, torch_dtype
+
+# The dtypes the merge computes and writes (streammerge.dtypes' blendable ones), sorted: the order error messages
+# list them in (BF16, F16, F32).
+OUT_DTYPES: dict[str, torch.dtype] = {code: torch_dtype(code) for code in sorted(BLENDABLE_DTYPES)}
+# The integer view of each output dtype's bit pattern: the rounding and the NaN fix-up work on integers of its width.
+BITS_VIEW_DTYPES: dict[str, torch.dtype] = {
+    code: getattr(torch, BITS_VIEW_NAMES[DTYPE_BITS[code]]) for code in OUT_DTYPES
+}
 
 _F32_ABS_MASK = 0x7FFFFFFF
 _F32_INF = 0x7F800000
@@ -53,13 +60,13 @@ def _round_fast(r: torch.Tensor, out_dtype: str, out: torch.Tensor | None) -> to
         return out  # no NaN anywhere (a sum is one read and no allocation; inf or overflow falls through)
     nan = torch.isnan(out)
     if nan.any():
-        ints = out.view(torch.int32 if out_dtype == "F32" else torch.int16)
+        ints = out.view(BITS_VIEW_DTYPES[out_dtype])
         ints.masked_fill_(nan, _as_signed(CANONICAL_NAN_BITS[out_dtype], out_dtype))
     return out
 
 
 def _as_signed(bits: int, out_dtype: str) -> int:
-    width = 32 if out_dtype == "F32" else 16
+    width = DTYPE_BITS[out_dtype]
     return bits - (1 << width) if bits >= 1 << (width - 1) else bits
 
 
@@ -191,7 +198,7 @@ def merge_reference(
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Compute ``round(t32 + f32(alpha) * (g32 - s32))`` per DESIGN.md section 2 on CPU tensors.
+    """Compute ``round(t32 + f32(alpha) * (g32 - s32))`` per the numerics contract on CPU tensors.
 
     Args:
         target, sft, grpo (`torch.Tensor`): 1-D tensors of equal length, each bf16, fp16 or fp32.

@@ -1,4 +1,4 @@
-"""Fused Triton kernel for ``out = round(t32 + f32(alpha) * (g32 - s32))`` (DESIGN.md section 2), and its launcher.
+"""Fused Triton kernels for ``out = round(t32 + f32(alpha) * (g32 - s32))`` (docs/numerics.md), and their launchers.
 
 Byte-identical to :func:`streammerge.kernels.reference.merge_reference`: the three fp32 steps are separate IEEE
 operations (the kernel is launched with ``enable_fp_fusion=False``, so no FMA), and the final rounding to the output
@@ -21,18 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CANONICAL_NAN_BITS, OUT_DTYPES
+from ..dtypes import CANONICAL_NAN_BITS
+from .reference import BITS_VIEW_DTYPES, OUT_DTYPES
 
 # 1024 elements / 4 warps chosen as the standard elementwise config (Triton tutorial 01, Liger's elementwise ops), to
 # be re-measured on the GPU check script: 8 elements per thread, enough loads in flight for a memory-bound kernel.
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
 
-_IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Inputs are any of the dtypes the merge writes (bf16, fp16, fp32), in any mix.
+_IN_DTYPES = tuple(OUT_DTYPES.values())
 # The output dtype travels to the kernel as a constexpr code, so each output kind compiles its own specialisation.
 _OUT_CODE = {"F32": 0, "BF16": 1, "F16": 2}
-# Integer view the rounded bits are stored through: the same width as the output dtype, so no float cast on store.
-_OUT_BITS_DTYPE = {"F32": torch.int32, "BF16": torch.int16, "F16": torch.int16}
 
 # Constants read inside the kernel are constexpr: Triton only lets a @jit function read constexpr globals.
 _F32_ABS_MASK = tl.constexpr(0x7FFFFFFF)
@@ -79,7 +79,7 @@ def _widen_f32(x):
 
 @triton.jit
 def _round_store(r, out_bits_ptr, offsets, mask, OUT_CODE: tl.constexpr):
-    # Round float32 ``r`` to the output dtype (DESIGN.md section 2) on its bit pattern and store the bits. Shared by
+    # Round float32 ``r`` to the output dtype (docs/numerics.md) on its bit pattern and store the bits. Shared by
     # the merge and the convert kernels, so both round with exactly the same integer code. Unsigned bit patterns:
     # shifts are logical and wrap-around (only ever reached by NaN patterns, which are replaced below) is defined
     # behaviour, with no signed-overflow checks under TRITON_DEBUG.
@@ -246,8 +246,11 @@ def merge_triton(
     alpha: float,
     out_dtype: str,
     out: torch.Tensor | None = None,
+    *,
+    block_size: int = BLOCK_SIZE,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
-    """Compute ``round(t32 + f32(alpha) * (g32 - s32))`` per DESIGN.md section 2 with one fused Triton kernel.
+    """Compute ``round(t32 + f32(alpha) * (g32 - s32))`` per the numerics contract with one fused Triton kernel.
 
     The bytes equal those of :func:`streammerge.kernels.reference.merge_reference` for every input, including NaN
     (canonical quiet NaN of the output dtype, sign cleared), infinities, subnormals and overflow on rounding (+-inf).
@@ -259,23 +262,28 @@ def merge_triton(
         out_dtype (`str`): "BF16", "F16" or "F32".
         out (`torch.Tensor`, *optional*): a contiguous tensor of the output dtype, the inputs' number of elements and
             device, written in place. Allocated (1-D) when not given.
+        block_size (`int`, defaults to `BLOCK_SIZE`): elements per program, a power of two. The launch
+            configuration changes the speed, never the bytes; benchmarks sweep it, the engines keep the default.
+        num_warps (`int`, defaults to `NUM_WARPS`): warps per program, a power of two from 1 to 32.
 
     Returns:
         `torch.Tensor`: ``out``, holding the merged values.
 
     Raises:
         `TypeError`: an input or ``out`` is not a tensor, has an unsupported dtype, or ``out`` has the wrong dtype.
-        `ValueError`: an unknown ``out_dtype``, non-contiguous tensors, mismatched sizes or devices, or CPU tensors
-            without the interpreter.
+        `ValueError`: an unknown ``out_dtype``, non-contiguous tensors, mismatched sizes or devices, CPU tensors
+            without the interpreter, or a launch configuration that is not a power of two.
 
     Example:
         ```py
         >>> t, s, g = (torch.randn(10, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         >>> merged = merge_triton(t, s, g, alpha=0.5, out_dtype="BF16")
+        >>> merge_triton(t, s, g, 0.5, "BF16", out=merged, block_size=4096, num_warps=8)  # another launch config
         ```
     """
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"merge_triton: unsupported output dtype {out_dtype!r}; use one of {', '.join(OUT_DTYPES)}")
+    _check_launch_config("merge_triton", block_size, num_warps)
     n, device = _check_inputs({"target": target, "sft": sft, "grpo": grpo})
     if device.type != "cuda" and not INTERPRETED:
         raise ValueError(
@@ -291,8 +299,8 @@ def merge_triton(
 
     # Rounded on the host so the interpreter and the GPU see the same float32 value.
     a32 = float(np.float32(alpha))
-    out_bits = out.view(_OUT_BITS_DTYPE[out_dtype])
-    grid = (triton.cdiv(n, BLOCK_SIZE),)
+    out_bits = out.view(BITS_VIEW_DTYPES[out_dtype])
+    grid = (triton.cdiv(n, block_size),)
     # Triton launches on the current CUDA device; make it the inputs' one.
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     # The interpreter runs the fp32 ops in numpy, which warns on inf - inf and overflow: expected values here.
@@ -305,11 +313,26 @@ def merge_triton(
             a32,
             n,
             OUT_CODE=_OUT_CODE[out_dtype],
-            BLOCK=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
+            BLOCK=block_size,
+            num_warps=num_warps,
             enable_fp_fusion=False,
         )
     return out
+
+
+def _is_power_of_two(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
+
+
+# tl.arange needs a power-of-two length; warps per program are a power of two up to 32 on NVIDIA GPUs.
+_MAX_WARPS = 32
+
+
+def _check_launch_config(who: str, block_size: int, num_warps: int) -> None:
+    if not _is_power_of_two(block_size):
+        raise ValueError(f"{who}: block_size must be a positive power of two, got {block_size!r}")
+    if not _is_power_of_two(num_warps) or num_warps > _MAX_WARPS:
+        raise ValueError(f"{who}: num_warps must be a power of two from 1 to {_MAX_WARPS}, got {num_warps!r}")
 
 
 def convert_triton(src: torch.Tensor, out_dtype: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -354,7 +377,7 @@ def convert_triton(src: torch.Tensor, out_dtype: str, out: torch.Tensor | None =
     with guard, np.errstate(all="ignore"):
         _convert_kernel[grid](
             src,
-            out.view(_OUT_BITS_DTYPE[out_dtype]),
+            out.view(BITS_VIEW_DTYPES[out_dtype]),
             n,
             OUT_CODE=_OUT_CODE[out_dtype],
             BLOCK=BLOCK_SIZE,
@@ -385,7 +408,7 @@ def _merge_two(who: str, mode: int, a, b, alpha, out_dtype: str, out):
         _merge_two_kernel[grid](
             a,
             b,
-            out.view(_OUT_BITS_DTYPE[out_dtype]),
+            out.view(BITS_VIEW_DTYPES[out_dtype]),
             float(np.float32(alpha)),
             n,
             MODE=mode,

@@ -351,7 +351,11 @@ class Checkpoint:
             return torch.empty(0, dtype=dtype)
         m = self._map(ref.file)
         self._check_size(ref.file, self._fds[ref.file])  # type: ignore[arg-type]
-        return torch.frombuffer(m, dtype=dtype, count=(stop - start) // dtype.itemsize, offset=ref.offset + start)
+        # Through a fresh memoryview: torch.frombuffer(m) drops its buffer export at once, so close() would unmap pages
+        # a live view still points into (a segfault when read: a failed write's traceback keeps its data array). The
+        # tensor keeps the memoryview, whose export makes m.close() raise BufferError until the last view is gone.
+        mv = memoryview(m)
+        return torch.frombuffer(mv, dtype=dtype, count=(stop - start) // dtype.itemsize, offset=ref.offset + start)
 
     # Set by the merge when the inputs cannot stay in the page cache anyway (larger than half the available
     # memory): consumed pages are then also dropped from the cache, so a 420 GB merge does not evict everything

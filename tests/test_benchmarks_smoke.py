@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,10 @@ def test_gpu_check_plumbing_on_the_simulated_device(tmp_path):
     assert "failed steps: none" in done.stdout, done.stdout[-3000:]
     result = json.loads(next((tmp_path / "res").glob("gpu_check-*.json")).read_text())
     steps = result["steps"]
-    assert all(r.get("bytes_equal_cpu") for k, r in steps["pipeline"]["runs"].items() if k.startswith("cuda"))
+    cuda_runs = {k: r for k, r in steps["pipeline"]["runs"].items() if k.startswith("cuda")}
+    assert cuda_runs and all(r.get("bytes_equal_cpu") for r in cuda_runs.values())
+    # They ran on the CUDA engine (on the simulated device), not on an engine chosen for the machine.
+    assert all("engine: cuda (gpu_check)" in r["warnings"] for r in cuda_runs.values()), cuda_runs
     assert steps["e2e"]["bytes_equal"] is True
     assert steps["sweep"]["bytes_equal"] is True and steps["sweep"]["combine_bytes_equal"] is True
 
@@ -164,13 +168,13 @@ def test_gpu_check_runs_the_peer_from_carried_wheels(tmp_path, monkeypatch):
     """The device machine has no package registry: mergekit travels as wheels in .whl/ (``make peer-wheels``).
     gpu_check installs them into a private folder seen only by the mergekit process, which then runs with them."""
     monkeypatch.syspath_prepend(str(REPO_ROOT))
-    from benchmarks import gpu_check
+    from benchmarks.gpu_check import peer
 
     wheels = tmp_path / "whl"
     wheels.mkdir()
-    monkeypatch.setattr(gpu_check, "PEER_WHEELS", wheels)
-    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # as on the device: no mergekit-yaml
-    cmd, env, source = gpu_check._mergekit_command(tmp_path)
+    monkeypatch.setattr(peer, "PEER_WHEELS", wheels)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # as on the device: no mergekit-yaml
+    cmd, env, source = peer.mergekit_command(tmp_path)
     assert cmd is None and "make peer-wheels" in source
 
     script = "import sys, pathlib, helper\npathlib.Path(sys.argv[2]).write_text(helper.VALUE + ' ' + sys.argv[3])\n"
@@ -181,7 +185,7 @@ def test_gpu_check_runs_the_peer_from_carried_wheels(tmp_path, monkeypatch):
         {"mergekit/__init__.py": "", "mergekit/scripts/__init__.py": "", "mergekit/scripts/run_yaml.py": script},
     )
     _fake_wheel(wheels, "helper", "1.0", {"helper.py": "VALUE = 'carried'\n"})
-    cmd, env, source = gpu_check._mergekit_command(tmp_path)
+    cmd, env, source = peer.mergekit_command(tmp_path)
     assert cmd is not None, source
     assert source == "carried wheels (2)"
     # The carried packages are visible to the peer's process only, not to this one.
@@ -196,25 +200,22 @@ def test_gpu_check_keeps_the_parts_of_a_step_that_failed(tmp_path, monkeypatch):
     """A step that dies half way keeps what it measured: each part is saved as it completes (a step killed on its
     timeout is read back the same way), so one hang on the lent GPU does not lose the figures before it."""
     monkeypatch.syspath_prepend(str(REPO_ROOT))
-    from benchmarks import gpu_check
+    from benchmarks.gpu_check import runner
 
     def step(state):
         res = {"first": 1.5}
-        gpu_check.save_partial(res)
+        runner.save_partial(res)
         raise RuntimeError("the driver went away")
 
-    monkeypatch.setitem(gpu_check.STEPS, "fake", step)
-    monkeypatch.setattr(gpu_check, "_PARTIAL", [])
     state, result = tmp_path / "state.json", tmp_path / "step-fake.json"
     state.write_text(json.dumps({"workdir": str(tmp_path), "steps": {}}))
-    assert gpu_check._child("fake", state, result) == 0
+    assert runner.run_child(step, state, result) == 0
     got = json.loads(result.read_text())
     assert got["first"] == 1.5 and "the driver went away" in got["error"]
-    assert gpu_check._read_json(tmp_path / "missing.json") == {}
+    assert runner.read_json(tmp_path / "missing.json") == {}
     # The parent keeps the step's own error; a result left partial without one says the process did not finish.
-    assert "the driver went away" in gpu_check._settle({**got, "partial": True}, 0)["error"]
+    assert "the driver went away" in runner.settle({**got, "partial": True}, 0)["error"]
     assert (
-        gpu_check._settle({"first": 1.5, "partial": True}, -9)["error"]
-        == "step process exited with -9 before it finished"
+        runner.settle({"first": 1.5, "partial": True}, -9)["error"] == "step process exited with -9 before it finished"
     )
-    assert "error" not in gpu_check._settle({"first": 1.5}, 0)
+    assert "error" not in runner.settle({"first": 1.5}, 0)

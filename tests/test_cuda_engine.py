@@ -276,13 +276,13 @@ def cpu_outputs(mixed_trio, tmp_path_factory) -> dict[str, dict[str, str]]:
 
 
 def _with_engine(monkeypatch, engine) -> None:
-    monkeypatch.setattr(run, "select_engine", lambda device, threads=None, opts=None: (engine, f"{engine.name} (test)"))
+    monkeypatch.setattr(run, "select_engine", lambda *args, **kwargs: (engine, f"{engine.name} (test)"))
 
 
 def _check_sim_clean(sim: ce.SimBackend, stats_notes: list[str]) -> None:
     assert not sim.errors, f"CUDA errors left uncleared: {sim.errors}"
     assert not sim.registered, "windows still registered after the merge"
-    assert not any(s.ops for s in sim._streams), "work left queued"
+    assert not sim.queued_ops(), "work left queued"
     bound = [n for n in stats_notes if "plan bound" in n]
     assert bound, stats_notes
 
@@ -554,7 +554,29 @@ def test_sim_engine_fails_cleanly_when_the_error_cannot_be_cleared(mixed_trio, t
 FAIL_AT = 12
 
 
-def test_sim_engine_writer_failure_propagates_without_hanging(mixed_trio, tmp_path, monkeypatch) -> None:
+def _read_traceback_data(tb) -> int:
+    """Read every array and tensor an exception's traceback keeps in its frames (what pytest does when it reports a
+    failure, and a debugger when it shows locals); returns the bytes read."""
+    n = 0
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                n += value.detach().flatten().view(torch.uint8).clone().numel()  # any dtype, as raw bytes
+            elif isinstance(value, np.ndarray):
+                n += len(value.tobytes())
+        tb = tb.tb_next
+    return n
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "error"),
+    [(FAIL_AT, OutputError), (1, OutputError), (1, TypeError)],
+    ids=["later-write", "first-write", "first-write-typeerror"],
+)
+def test_sim_engine_writer_failure_propagates_without_hanging(mixed_trio, tmp_path, monkeypatch, fail_at, error):
+    """A write that raises (the first or a later one, any exception type) fails the merge at once, leaves no window
+    registered and no thread behind; the data its traceback keeps (views of the input mappings among them) stays
+    readable after the merge closed its inputs (reading it was a segfault when closing unmapped live views)."""
     from streammerge.writer import OutputWriter
 
     calls = {"n": 0}
@@ -562,19 +584,35 @@ def test_sim_engine_writer_failure_propagates_without_hanging(mixed_trio, tmp_pa
 
     def flaky(self, file, offset, data, out=None, **kw):
         calls["n"] += 1
-        if calls["n"] == FAIL_AT:
-            raise OutputError("disk went away (test)")
+        if calls["n"] == fail_at:
+            raise error("disk went away (test)")
         return real_write(self, file, offset, data, **kw)
 
     monkeypatch.setattr(OutputWriter, "write", flaky)
     sim = ce.SimBackend(seed=4, kernel="reference")
     _with_engine(monkeypatch, ce.CudaEngine(window_bytes=WINDOW, register_ahead_bytes=AHEAD, backend=sim))
     t0 = time.perf_counter()
-    with pytest.raises(OutputError, match="disk went away"):
+    with pytest.raises(error, match="disk went away") as excinfo:
         streammerge.merge(*mixed_trio, tmp_path / "out", **MERGE_KW)
     assert time.perf_counter() - t0 < 60
     assert not sim.registered, "windows left registered after a failure"
     assert not [t for t in threading.enumerate() if t.name.startswith(("sm-windows", "sm-writer"))]
+    assert _read_traceback_data(excinfo.tb) > 0, "the failed write's data is in its traceback"
+
+
+def test_cpu_engine_writer_failure_leaves_readable_views(mixed_trio, tmp_path, monkeypatch) -> None:
+    """The same on the CPU engine: the data of its failed first write (here a view of the target's mapping) stays
+    readable after the merge closed its inputs."""
+    from streammerge.writer import OutputWriter
+
+    def broken(self, file, offset, data, out=None, **kw):
+        raise TypeError("disk went away (test)")
+
+    monkeypatch.setattr(OutputWriter, "write", broken)
+    with pytest.raises(TypeError, match="disk went away") as excinfo:
+        streammerge.merge(*mixed_trio, tmp_path / "out", device="cpu", **MERGE_KW)
+    assert _read_traceback_data(excinfo.tb) > 0
+    assert not [t for t in threading.enumerate() if t.name.startswith(("sm-prefetch", "sm-writer"))]
 
 
 class _SkipWaits(ce.SimBackend):
@@ -656,7 +694,7 @@ def test_two_term_kernels_match_the_cpu_engines_math(dtypes, out_dtype: str, alp
             (tm.extract_vector_triton(a, b, alpha, out_dtype), (None, a, b)),
         ):
             ref = torch.empty(n, dtype=TORCH[out_dtype])
-            ce._merge_torch(*want, alpha, out_dtype, ref)
+            ce.merge_torch(*want, alpha, out_dtype, ref)
             assert torch.equal(got.view(bits), ref.view(bits)), (dtypes, out_dtype, alpha, n)
 
 

@@ -1,4 +1,4 @@
-"""Byte-exact tests of the Triton merge kernel against both references (DESIGN.md section 2).
+"""Byte-exact tests of the Triton merge kernel against both references (docs/numerics.md).
 
 Where CUDA is available the kernel is compiled and run on the GPU; elsewhere it runs on CPU tensors under
 ``TRITON_INTERPRET=1``. Triton reads that variable when the kernel is decorated, i.e. when
@@ -277,6 +277,42 @@ def test_launch_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kwargs["BLOCK"] == BLOCK
     assert args[4] == float(np.float32(0.1)) and args[5] == n
     assert args[3].dtype == torch.int16 and args[3].data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize(("block", "warps"), [(256, 2), (4096, 8)])
+def test_launch_config_changes_the_grid_not_the_bytes(monkeypatch: pytest.MonkeyPatch, block: int, warps: int) -> None:
+    """Another block size and warp count (what benchmarks.gpu_check sweeps): the same bytes, the grid it implies."""
+    n = 3 * 4096 + 5
+    raw = [hostile_values(d, n, np.random.default_rng(n + i)) for i, d in enumerate(("BF16", "F16", "F32"))]
+    t, s, g = (to_torch(r, d) for r, d in zip(raw, ("BF16", "F16", "F32")))
+    got = tm.merge_triton(t, s, g, 0.5, "BF16", block_size=block, num_warps=warps)
+    want = expected_bits(*raw, 0.5, ("BF16", "F16", "F32"), "BF16")
+    assert_bits_equal(bits_of(got, "BF16"), want, f"block {block} / {warps} warps", tuple(raw))
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, kwargs))
+
+    monkeypatch.setattr(tm, "_merge_kernel", Recorder())
+    tm.merge_triton(t, s, g, 0.5, "BF16", block_size=block, num_warps=warps)
+    ((grid, kwargs),) = calls
+    assert grid == ((n + block - 1) // block,)
+    assert kwargs["BLOCK"] == block and kwargs["num_warps"] == warps and kwargs["enable_fp_fusion"] is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"block_size": 1000}, "block_size must be a positive power of two"),
+        ({"block_size": 0}, "block_size must be a positive power of two"),
+        ({"num_warps": 3}, "num_warps must be a power of two"),
+        ({"num_warps": 64}, "num_warps must be a power of two"),
+    ],
+)
+def test_bad_launch_config(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tm.merge_triton(*_three(), 1.0, "BF16", **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ launcher errors

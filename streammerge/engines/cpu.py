@@ -9,97 +9,35 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 # Buffer counts and sizes come from the memory formulas the plan reports (budget.py): allocated exactly as said.
 from ..budget import SUB_BLOCK_ELEMS, default_workers, output_slots, scratch_buffers
 from ..checkpoint import Checkpoint, TensorRef
-from ..errors import NonFiniteError, StreamMergeError
-from ..faults import crash_point
+from ..dtypes import itemsize
+from ..errors import StreamMergeError
 from ..kernels.reference import OUT_DTYPES, round_from_f32
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor
 from ..writer import Sink
-from . import EngineStats, Progress, ProgressCounter
+from .stats import EngineStats, Progress, ProgressCounter
+from .work import (
+    FirstFailure,
+    WorkItem,
+    finish_chunk,
+    iter_work,
+    out_bytes,
+    out_offset,
+    record_nonfinite,
+    work_bytes,
+    work_tensors,
+)
 
 # Chunks the prefetch thread may run ahead of the compute thread.
 PREFETCH_AHEAD = 2
-
-
-@dataclass
-class WorkItem:
-    tensor: OutTensor
-    start: int  # element (MERGE/CONVERT) or byte (COPY) range
-    stop: int
-    last_of_file: bool = False
-    op: Op | None = None  # this chunk's operation (a MERGE tensor's target-only tail is COPY/CONVERT)
-    last_of_tensor: bool = False
-
-    def __post_init__(self) -> None:
-        if self.op is None and self.tensor is not None:
-            self.op = self.tensor.op
-
-
-def _ranges(total: int, step: int) -> Iterator[tuple[int, int]]:
-    for a in range(0, total, step):
-        yield a, min(total, a + step)
-
-
-def _tensor_items(t: OutTensor, elems: int, chunk_bytes: int) -> Iterator[WorkItem]:
-    if t.op is Op.COPY:
-        yield from (WorkItem(t, a, b) for a, b in _ranges(t.nbytes, chunk_bytes))
-    elif t.op is Op.CONVERT:
-        yield from (WorkItem(t, a, b) for a, b in _ranges(t.numel, elems))
-    else:
-        yield from (WorkItem(t, a, b) for a, b in _ranges(t.blended, elems))
-        if t.blended < t.numel:  # vocab common-rows: the target's own rows
-            if t.dtype == t.target.dtype:
-                isz = _elem_size(t.dtype)
-                for a, b in _ranges((t.numel - t.blended) * isz, chunk_bytes):
-                    yield WorkItem(t, t.blended * isz + a, t.blended * isz + b, op=Op.COPY)
-            else:
-                for a, b in _ranges(t.numel - t.blended, elems):
-                    yield WorkItem(t, t.blended + a, t.blended + b, op=Op.CONVERT)
-    if t.nbytes == 0:
-        yield WorkItem(t, 0, 0)  # zero-element tensors still count as done
-
-
-def iter_work(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[WorkItem]:
-    """Chunks in output order, skipping files in ``skip``; the last chunk of each tensor and of each file is flagged
-    (one item of lookahead: nothing here grows with tensor, shard or model size)."""
-    elems = plan.options.chunk_elems
-    for i, f in enumerate(plan.files):
-        if i in skip:
-            continue
-        prev: WorkItem | None = None
-        for t in f.tensors:
-            for item in _tensor_items(t, elems, plan.options.chunk_bytes):
-                if prev is not None:
-                    prev.last_of_tensor = prev.tensor is not item.tensor
-                    yield prev
-                prev = item
-        if prev is None:
-            prev = WorkItem(None, 0, 0)  # type: ignore[arg-type]  # a file with no tensors
-        prev.last_of_tensor = True
-        prev.last_of_file = True
-        yield prev
-
-
-class _Failure:
-    def __init__(self) -> None:
-        self.exc: BaseException | None = None
-
-    def set(self, exc: BaseException) -> None:
-        if self.exc is None:
-            self.exc = exc
-
-    def check(self) -> None:
-        if self.exc is not None:
-            raise self.exc
 
 
 class CpuEngine:
@@ -149,14 +87,14 @@ class CpuEngine:
             free_slots.put(i)
         write_q: queue.Queue = queue.Queue(maxsize=n_slots + 8)
         prefetch_q: queue.Queue = queue.Queue(maxsize=PREFETCH_AHEAD)
-        failure = _Failure()
+        failure = FirstFailure()
         stop = threading.Event()
         t_target = ckpts.get("target")
         # Output chunks are hashed on this (compute) thread, in output order: the writer thread only writes
         # (``hashed=True``).
         skip = writer.done_files
         total_bytes = work_bytes(plan, skip)
-        total_tensors = sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
+        total_tensors = work_tensors(plan, skip)
         timers = {"compute": 0.0, "write": 0.0, "wait_slot": 0.0}
 
         def refs(item: WorkItem) -> list[tuple[Checkpoint, TensorRef, int, int]]:
@@ -212,11 +150,9 @@ class CpuEngine:
                     if t is not None and item.stop > item.start:
                         if kind == "slot":
                             for k, sid in enumerate(payload):
-                                data = slots[sid][: _out_bytes(t, item)]
+                                data = slots[sid][: out_bytes(t, item)]
                                 out = k if len(payload) > 1 else None
-                                writer.write(
-                                    t.file, t.offset + _out_offset(t, item), data.numpy(), out=out, hashed=True
-                                )
+                                writer.write(t.file, t.offset + out_offset(t, item), data.numpy(), out=out, hashed=True)
                                 del data
                                 if k < len(payload) - 1:
                                     free_slots.put(sid)  # written: back to the compute thread at once
@@ -270,8 +206,8 @@ class CpuEngine:
                 n_in = self.compute_chunk(t, item, ckpts, [slots[i] for i in ids], scratch, plan.options, stats, pool)
                 if item.stop > item.start:
                     for k, sid in enumerate(ids):
-                        data = slots[sid][: _out_bytes(t, item)].numpy()
-                        writer.digest(t.file, t.offset + _out_offset(t, item), data, out=k if len(ids) > 1 else None)
+                        data = slots[sid][: out_bytes(t, item)].numpy()
+                        writer.digest(t.file, t.offset + out_offset(t, item), data, out=k if len(ids) > 1 else None)
                 timers["compute"] += time.perf_counter() - t0
                 self._put(write_q, ("slot", ids, item, n_in), failure)
                 peak = max(peak, rss_anon())  # ~20 us per chunk
@@ -296,7 +232,7 @@ class CpuEngine:
         stats.stage_seconds = timers
 
     @staticmethod
-    def _put(q: queue.Queue, job, failure: _Failure) -> None:
+    def _put(q: queue.Queue, job, failure: FirstFailure) -> None:
         while True:
             failure.check()
             try:
@@ -313,7 +249,7 @@ class CpuEngine:
         sub-blocks spread over the workers; returns the input bytes it read."""
         a, b = item.start, item.stop
         n = b - a
-        outs = [slot[: n * _elem_size(t.dtype)].view(OUT_DTYPES[t.dtype]) for slot in out_slots]
+        outs = [slot[: n * itemsize(t.dtype)].view(OUT_DTYPES[t.dtype]) for slot in out_slots]
         convert = item.op is Op.CONVERT
         ins = t.inputs(item.op)
         views = [_typed_view(ckpts[role], ref, a, b) for role, ref in ins]
@@ -352,12 +288,13 @@ class CpuEngine:
         else:
             for f in [pool.submit(work, k) for k in range(min(len(blocks), len(scratch)))]:
                 f.result()
-        return sum(_elem_size(ref.dtype) * n for _, ref in ins)
+        return sum(itemsize(ref.dtype) * n for _, ref in ins)
 
 
 def _merge_block(tv, pairs, alphas, d, r, out_dtype: str, outs: list[torch.Tensor], w=None) -> None:
-    """DESIGN.md section 2 on one cache-sized block, for each output ``k``: ``r = t32``, then for each vector
-    ``r = r + a32[k][i] * (p32 - m32)`` (separate roundings, never fused), and one rounding into ``outs[k]``.
+    """The numerics contract (docs/numerics.md) on one cache-sized block, for each output ``k``: ``r = t32``, then
+    for each vector ``r = r + a32[k][i] * (p32 - m32)`` (separate roundings, never fused), and one rounding into
+    ``outs[k]``.
 
     ``pairs``: (plus, minus) per vector, minus None for a stored vector (apply). ``tv`` None (extract a vector, one
     vector only): the result is the scaled difference itself. With one vector the difference is computed once for
@@ -402,21 +339,6 @@ def _merge_block(tv, pairs, alphas, d, r, out_dtype: str, outs: list[torch.Tenso
         round_from_f32(r, out_dtype, out=out)
 
 
-def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> int:
-    """Bytes read + written for the files not in ``skip`` (what progress counts towards)."""
-    total = 0
-    for i, f in enumerate(plan.files):
-        if i in skip:
-            continue
-        total += f.size * plan.outputs
-        for t in f.tensors:
-            total += t.input_bytes()
-    return total
-
-
-_NONFINITE_LOCK = threading.Lock()
-
-
 def _count_nonfinite(
     t: OutTensor, out: torch.Tensor, inputs, strict: bool, stats: EngineStats, output: int | None = None
 ) -> None:
@@ -428,57 +350,6 @@ def _count_nonfinite(
     record_nonfinite(t, int(bad.sum()), strict, stats, output)
 
 
-def record_nonfinite(t: OutTensor, n: int, strict: bool, stats: EngineStats, output: int | None = None) -> None:
-    """``n`` elements of ``t`` became NaN/inf although every input was finite: refuse (``strict``) or count them (in
-    output ``output`` of a sweep, None: every output). Both engines report through here."""
-    if not n:
-        return
-    if strict:
-        raise NonFiniteError(
-            f"tensor {t.name!r}: {n} element(s) became NaN/inf although every input was finite "
-            "(overflow in the output dtype?); --strict refuses this output. Lower |alpha|, use --out-dtype fp32, "
-            "or drop --strict to write it anyway"
-        )
-    with _NONFINITE_LOCK:  # several workers may count sub-blocks of one tensor
-        stats.add_nonfinite(t.name, n, output)
-
-
-def _elem_size(dtype: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4}[dtype]
-
-
 def _typed_view(ck: Checkpoint, ref: TensorRef, a: int, b: int) -> torch.Tensor:
-    isz = _elem_size(ref.dtype)
+    isz = itemsize(ref.dtype)
     return ck.view(ref, a * isz, b * isz, OUT_DTYPES[ref.dtype])
-
-
-def _out_bytes(t: OutTensor, item: WorkItem) -> int:
-    if item.op is Op.COPY:
-        return item.stop - item.start
-    return (item.stop - item.start) * _elem_size(t.dtype)
-
-
-def _out_offset(t: OutTensor, item: WorkItem) -> int:
-    return item.start if item.op is Op.COPY else item.start * _elem_size(t.dtype)
-
-
-def finish_chunk(plan: MergePlan, writer, stats: EngineStats, item: WorkItem) -> int:
-    """After a chunk is written: the crash-injection point, the chunk count, and the file's finish (sync, rename,
-    checksum) when it was the file's last chunk. Returns the output bytes the chunk accounts for (header included)."""
-    crash_point(f"chunk:{stats.chunks_written}")
-    stats.chunks_written += 1
-    t = item.tensor
-    written = _out_bytes(t, item) if t is not None else 0
-    if item.last_of_file:
-        fi = t.file if t is not None else _file_of(plan, item)
-        writer.finish_file(fi)
-        written += len(plan.files[fi].header)
-    return written * plan.outputs
-
-
-def _file_of(plan: MergePlan, item: WorkItem) -> int:
-    # Only used for a file that holds no tensors at all (cannot happen with the shard planner, kept for safety).
-    for i, f in enumerate(plan.files):
-        if not f.tensors:
-            return i
-    raise StreamMergeError("internal error: empty work item without an empty file")

@@ -1,0 +1,770 @@
+"""The CUDA engine itself: buffers allocated once, chunks issued on three streams ordered by events, a writer thread
+draining pinned output slots; the package docstring describes the pipeline.
+
+One run is a :class:`_Run`; issuing one GPU chunk is five steps, in this order (the order of their event records and
+waits is the design)::
+
+    wait for its windows · stage what is not registered · copy in · compute · copy out
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import mmap
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ...budget import DEFAULT_DEVICE_SLOTS, DEFAULT_WINDOW_BYTES
+from ...checkpoint import Checkpoint, TensorRef
+from ...dtypes import itemsize
+from ...errors import EngineError, OptionsError, StreamMergeError
+from ...kernels.reference import OUT_DTYPES
+from ...memory import rss_anon
+from ...plan import MergePlan, Op, OutTensor
+from ...writer import Sink
+from ..stats import EngineStats, Progress, ProgressCounter
+from ..work import (
+    FirstFailure,
+    WorkItem,
+    finish_chunk,
+    iter_work,
+    out_bytes,
+    out_offset,
+    record_nonfinite,
+    work_bytes,
+    work_tensors,
+)
+from .backend import Backend, Event, Stream
+from .device import CudaBackend
+from .schedule import (
+    DEFAULT_REGISTER_AHEAD_BYTES,
+    PAGE,
+    POLL_S,
+    Key,
+    Segment,
+    SlotRing,
+    WindowPlan,
+    canonical_roles,
+    chunk_sources,
+    interval_stats,
+    on_gpu,
+    plan_windows,
+)
+from .windows import WindowRunner
+
+# Pinned output slots between the copy-out stream and the writer thread: one being written, one being filled by
+# D2H, one spare to absorb jitter in write latency (as the CPU engine's OUTPUT_SLOTS).
+DEFAULT_HOST_SLOTS = 3
+# Host threads copying mmap pages into pinned staging slots when registration is refused: memcpy into pinned memory
+# measured 5.9 / 18.3 / 33.8 GB/s with 1 / 4 / 16 threads on the H200 machine (16 cores); 8 leave cores to the
+# writer and to Python.
+DEFAULT_COPY_THREADS = 8
+# Threads calling cudaHostRegister / cudaHostUnregister: registration pins and faults every page (0.11 s per 4 GiB
+# on one thread on the H200, ~37 GB/s, below the ~55 GB/s H2D it feeds); a second thread lets registration keep ahead
+# of the copy engine if the kernel's page pinning scales (benchmarks.gpu_check measures 1 vs 4 threads).
+DEFAULT_REGISTER_THREADS = 2
+# Smallest piece of a staging copy given to one thread: below ~1 MiB the hand-off costs more than the copy.
+STAGING_PIECE_MIN = 2**20
+# Seconds the issuing thread waits for the writer thread to drain after a failure before it goes on cleaning up.
+WRITER_JOIN_TIMEOUT_S = 30
+
+Checkpoints = Mapping[str, Checkpoint | None]
+
+
+def _checkpoint(ckpts: Checkpoints, role: str) -> Checkpoint:
+    ck = ckpts[role]
+    if ck is None:
+        raise EngineError(f"internal error: a chunk reads the {role} checkpoint, which this merge does not open")
+    return ck
+
+
+class CudaEngine:
+    """Merge on a CUDA GPU (see the package docstring for the pipeline). Output bytes equal the CPU engine's.
+
+    Args:
+        chunk_bytes (`int`, *optional*): bytes per input per chunk; the plan's ``chunk_bytes`` when not given. GPU
+            memory is ``slots x 4 x chunk_bytes``.
+        window_bytes (`int`): registration window (grid cell) size, a multiple of the page size.
+        slots (`int`): device slots (each 3 inputs + 1 output), at least 2 for overlap.
+        host_slots (`int`): pinned output slots between the GPU and the writer thread, at least 2.
+        register_windows (`bool`): DMA straight from registered windows of the input mmaps; False: pinned staging.
+        register_ahead_bytes (`int`): input bytes registered ahead of the chunk being issued.
+        copy_threads (`int`): host threads filling pinned staging slots (staging path only).
+        register_threads (`int`): threads registering / unregistering windows.
+        device (`torch.device | int | str`, *optional*): the GPU; the current one by default.
+        profile (`bool`): time every H2D, kernel and D2H with CUDA events and report busy time per stage and
+            their overlap in ``stage_seconds`` (benchmarks; a few µs per chunk).
+        backend (`Backend`, *optional*): the device (:class:`CudaBackend` by default; :class:`SimBackend` for tests).
+
+    Raises:
+        [`OptionsError`]: a non-positive size or too few slots.
+
+    Example:
+        ```py
+        >>> engine = CudaEngine(chunk_bytes=64 * 2**20)
+        >>> stats = engine.run(plan, ckpts, writer)  # as CpuEngine.run
+        ```
+    """
+
+    name = "cuda"
+
+    def __init__(
+        self,
+        chunk_bytes: int | None = None,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        slots: int = DEFAULT_DEVICE_SLOTS,
+        host_slots: int = DEFAULT_HOST_SLOTS,
+        register_windows: bool = True,
+        register_ahead_bytes: int = DEFAULT_REGISTER_AHEAD_BYTES,
+        copy_threads: int = DEFAULT_COPY_THREADS,
+        register_threads: int = DEFAULT_REGISTER_THREADS,
+        device=None,
+        profile: bool = False,
+        backend: Backend | None = None,
+    ):
+        if chunk_bytes is not None and chunk_bytes < 4096:
+            raise OptionsError(f"CUDA engine: chunk_bytes must be at least 4096, got {chunk_bytes}")
+        if window_bytes <= 0 or window_bytes % PAGE:
+            raise OptionsError(f"CUDA engine: window_bytes must be a positive multiple of {PAGE}, got {window_bytes}")
+        if slots < 1 or host_slots < 2:
+            raise OptionsError(f"CUDA engine: needs >= 1 device slot and >= 2 host slots, got {slots}/{host_slots}")
+        if register_ahead_bytes < 0 or copy_threads < 1 or register_threads < 1:
+            raise OptionsError("CUDA engine: register_ahead_bytes must be >= 0, copy/register threads >= 1")
+        self.chunk_bytes = chunk_bytes
+        self.window_bytes = window_bytes
+        self.slots = slots
+        self.host_slots = host_slots
+        self.register_windows = register_windows
+        self.register_ahead_bytes = register_ahead_bytes
+        self.copy_threads = copy_threads
+        self.register_threads = register_threads
+        self.device = device
+        self.profile = profile
+        self.backend = backend
+
+    def run(
+        self,
+        plan: MergePlan,
+        ckpts: Checkpoints,
+        writer: Sink,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> EngineStats:
+        """Merge every output file of ``plan`` not in ``writer.done_files`` into ``writer`` (as `CpuEngine.run`).
+
+        Returns:
+            [`EngineStats`]: chunks, bytes, peak GPU memory (``torch.cuda.max_memory_allocated`` after a reset at
+            the start), host stage timers and, with ``profile``, GPU busy time per stage and their overlap.
+
+        Raises:
+            [`EngineError`]: no GPU, or a CUDA failure. [`NonFiniteError`]: ``check_finite`` with ``strict``.
+            [`OutputError`]: from the writer.
+        """
+        be = self.backend if self.backend is not None else CudaBackend(self.device)
+        stats = EngineStats(device=be.name)
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # our own threads run torch's CPU ops; no OpenMP pool spinning beside them
+        try:
+            _Run(self, be, plan, ckpts, writer, progress, stats).execute()
+        finally:
+            torch.set_num_threads(old_threads)
+        return stats
+
+
+# ---------------------------------------------------------------------------------------------- what a run reads
+@dataclass
+class GpuWork:
+    """What one run reads: every chunk in output order, the ones computed on the GPU, and the windows over them.
+
+    Attributes:
+        items (`list[WorkItem]`): every chunk of the files to write, in output order.
+        gpu_items (`list[WorkItem]`): the MERGE and CONVERT chunks (GPU chunk ``g`` is ``gpu_items[g]``).
+        canon (`dict[str, str]`): role -> the role whose checkpoint (and mappings) it shares.
+        maps / bases (`dict[Key, ...]`): each file key's read-only mapping and its address.
+        windows (`WindowPlan`): the registration windows over the GPU chunks' sources.
+        inputs_max / terms_max (`int`): the most inputs, and vectors, of one GPU chunk (sizes the device slots).
+    """
+
+    items: list[WorkItem]
+    gpu_items: list[WorkItem]
+    canon: dict[str, str]
+    maps: dict[Key, mmap.mmap]
+    bases: dict[Key, int]
+    windows: WindowPlan
+    inputs_max: int
+    terms_max: int
+
+
+def plan_gpu_work(
+    plan: MergePlan,
+    ckpts: Checkpoints,
+    skip: set[int] | frozenset[int],
+    window_bytes: int,
+    ahead_bytes: int,
+) -> GpuWork:
+    """The chunks of ``plan`` (files in ``skip`` left out), what each GPU chunk reads and the windows over it.
+
+    Maps every input file a GPU chunk reads (``Checkpoint.mapping``)."""
+    items = list(iter_work(plan, skip))
+    gpu_items = [item for item in items if on_gpu(item)]
+    canon = canonical_roles(ckpts)
+    sources = chunk_sources(gpu_items, canon)
+    maps: dict[Key, mmap.mmap] = {}
+    bases: dict[Key, int] = {}
+    for srcs in sources:
+        for s in srcs:
+            if s.key not in maps:
+                m = _checkpoint(ckpts, s.key[0]).mapping(s.key[1])
+                maps[s.key] = m
+                # The mapping's address: a one-byte zero-copy view (ctypes cannot take a read-only buffer).
+                bases[s.key] = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+    windows = plan_windows(sources, {k: len(m) for k, m in maps.items()}, window_bytes, ahead_bytes)
+    inputs_max = max([len(_inputs(it)) for it in gpu_items] or [1])
+    terms_max = max([len(_tensor(it).terms) for it in gpu_items if it.op is Op.MERGE] or [0])
+    return GpuWork(items, gpu_items, canon, maps, bases, windows, inputs_max, terms_max)
+
+
+def _tensor(item: WorkItem) -> OutTensor:
+    """The tensor of a chunk that has one (every chunk but an empty file's)."""
+    if item.tensor is None:
+        raise EngineError("internal error: a chunk without a tensor reached the device")
+    return item.tensor
+
+
+def _inputs(item: WorkItem) -> list[tuple[str, TensorRef]]:
+    """The (role, tensor) inputs a GPU chunk reads, as the CPU engine: CONVERT the target; MERGE the target (unless
+    extracting a vector), then each vector's plus and minus tensors (no minus for a stored vector)."""
+    return _tensor(item).inputs(item.op)
+
+
+# ---------------------------------------------------------------------------------------------- buffers and streams
+class _Buffers:
+    """Every device and pinned buffer of a run, allocated once before the first chunk (the steady state allocates
+    nothing); the staging slots and their copy threads only once a chunk needs them."""
+
+    def __init__(
+        self,
+        be: Backend,
+        slots: int,
+        host_slots: int,
+        slot_bytes: int,
+        inputs: int,
+        outputs: int,
+        accumulator: bool,
+        check_finite: bool,
+        copy_threads: int,
+    ):
+        self.be = be
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self.inputs = inputs
+        self.copy_threads = copy_threads
+        self.dev_in = [[be.device_buffer(slot_bytes) for _ in range(inputs)] for _ in range(slots)]
+        self.dev_out = [[be.device_buffer(slot_bytes) for _ in range(outputs)] for _ in range(slots)]  # per output
+        self.host_out = [be.host_buffer(slot_bytes) for _ in range(host_slots)]
+        # A float32 accumulator per device slot (several vectors).
+        self.dev_acc = [be.device_buffer(slot_bytes).view(torch.float32) for _ in range(slots)] if accumulator else []
+        self.nf_dev: list[torch.Tensor] = []
+        self.nf_host: list[torch.Tensor] = []
+        if check_finite:
+            self.nf_dev = [be.device_buffer(8 * outputs).view(torch.int64) for _ in range(slots)]
+            self.nf_host = [be.host_buffer(8).view(torch.int64) for _ in range(host_slots)]
+        self._staging: list[list[torch.Tensor]] | None = None
+        self._copy_pool: ThreadPoolExecutor | None = None
+
+    def staging(self) -> tuple[list[list[torch.Tensor]], ThreadPoolExecutor]:
+        """The pinned staging slots (per device slot, per input) and the threads that fill them: made once, from the
+        start without registration, else at the first refusal."""
+        if self._staging is None or self._copy_pool is None:
+            self._staging = [
+                [self.be.host_buffer(self.slot_bytes) for _ in range(self.inputs)] for _ in range(self.slots)
+            ]
+            self._copy_pool = ThreadPoolExecutor(
+                self.copy_threads, thread_name_prefix="sm-stage", initializer=torch.set_num_threads, initargs=(1,)
+            )
+        return self._staging, self._copy_pool
+
+    def staging_slot(self, k: int, r: int) -> torch.Tensor:
+        """Staging slot of device slot ``k``, input ``r`` (made by :meth:`staging`)."""
+        staging, _ = self.staging()
+        return staging[k][r]
+
+    def shutdown(self) -> None:
+        """Stop the staging copy threads (after the last chunk, or a failure)."""
+        if self._copy_pool is not None:
+            self._copy_pool.shutdown(wait=True)
+
+
+class _Streams:
+    """The copy-in, compute and copy-out streams, the per-slot events that order them, and the profile's events.
+
+    Events per device slot ``k``: ``in_done`` (its inputs are on the device), ``comp_done`` (its kernels ran),
+    ``d2h_done`` (its output left); per pinned slot ``p``: ``out_ready`` (its bytes arrived)."""
+
+    def __init__(self, be: Backend, slots: int, host_slots: int, profiled_chunks: int):
+        self.s_in: Stream = be.stream()
+        self.s_comp: Stream = be.stream()
+        self.s_out: Stream = be.stream()
+        self.in_done: list[Event] = [be.event() for _ in range(slots)]
+        self.comp_done: list[Event] = [be.event() for _ in range(slots)]
+        self.d2h_done: list[Event] = [be.event() for _ in range(slots)]
+        self.out_ready: list[Event] = [be.event() for _ in range(host_slots)]
+        self.start: Event = be.event(timing=True)
+        self.end: Event = be.event(timing=True)
+        # Per profiled GPU chunk: H2D begin/end, kernel begin/end, D2H begin/end.
+        self.prof: list[list[Event]] = [[be.event(timing=True) for _ in range(6)] for _ in range(profiled_chunks)]
+
+
+@dataclass
+class _Job:
+    kind: str  # "slot" (GPU chunk in pinned slots) or "view" (bytes straight from the mmap, or nothing)
+    item: WorkItem
+    n_in: int
+    slots: list[int] = field(default_factory=list)  # one pinned slot per output (one for all when they agree)
+    gpu_index: int = -1
+    view: torch.Tensor | None = None
+    count_nonfinite: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- the writer thread
+class _WriterThread:
+    """Drains finished chunks in order: waits for a slot's D2H, writes it (hashing beside the write), gives the slot
+    back, and tells the window thread which windows the writer is done with."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=run.host_slots + 8)
+        # The output's SHA-256 is computed beside the pwrite rather than after it (hashlib and pwrite both release
+        # the GIL): on the way to disk the writer thread is the critical path, and hashing ~2 GB/s on one core is as
+        # slow as the page-cache copy. Every sink declares ``digest`` (the Sink protocol, writer.py).
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="sm-digest")
+        self.thread = threading.Thread(target=self._loop, name="sm-writer", daemon=True)
+
+    def put(self, job: _Job) -> None:
+        """Queue ``job``, giving up when a failure is recorded (the writer may have stopped taking jobs)."""
+        while True:
+            self.run.failure.check()
+            try:
+                self.queue.put(job, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def drain(self) -> None:
+        """Drop every queued job (after a failure), then tell the thread to stop."""
+        try:
+            while True:
+                self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        self.queue.put(None)
+
+    def shutdown(self) -> None:
+        self.hasher.shutdown(wait=True)
+
+    def _loop(self) -> None:
+        run = self.run
+        run.be.bind_thread()  # events of this GPU are synchronised from here
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            try:
+                if run.failure.exc is None:
+                    self._finish(job)
+            except BaseException as e:  # noqa: BLE001 - handed to the issuing thread
+                run.failure.set(e)
+            finally:
+                job.view = None
+                if job.kind == "slot":
+                    for p in job.slots:
+                        if p >= 0:
+                            run.ring.release(p)
+
+    def _finish(self, job: _Job) -> None:
+        run = self.run
+        item, t = job.item, job.item.tensor
+        if job.kind == "slot":
+            self._wait_slots(job)
+        t0 = time.perf_counter()
+        if t is not None and item.stop > item.start:
+            if job.kind == "slot":
+                self._write_slots(job, t)
+            elif job.view is not None:
+                self._write_view(job, t)
+        written = finish_chunk(run.plan, run.writer, run.stats, item)
+        run.timers["write"] += time.perf_counter() - t0
+        if job.kind == "slot":
+            run.runner.release_after(job.gpu_index)  # before the slot goes back: bounds registered bytes
+        run.report(job.n_in + written, t if item.last_of_tensor else None, written)
+
+    def _wait_slots(self, job: _Job) -> None:
+        """Wait for the D2H into each of the job's pinned slots; record the non-finite counts that came with it."""
+        run = self.run
+        t0 = time.perf_counter()
+        many = len(job.slots) > 1
+        for j, p in enumerate(job.slots):
+            run.be.sync_event(run.streams.out_ready[p])
+            if job.count_nonfinite:
+                n_bad = int(run.buf.nf_host[p][0])
+                record_nonfinite(_tensor(job.item), n_bad, run.opts.strict, run.stats, j if many else None)
+        run.timers["wait_gpu"] += time.perf_counter() - t0
+
+    def _write_slots(self, job: _Job, t: OutTensor) -> None:
+        run, item = self.run, job.item
+        many = len(job.slots) > 1
+        for j, p in enumerate(job.slots):
+            data = run.buf.host_out[p][: out_bytes(t, item)]
+            self._write(t.file, t.offset + out_offset(t, item), data.numpy(), j if many else None)
+            del data
+            if j < len(job.slots) - 1:
+                run.ring.release(p)  # written: back to the issuing thread at once
+                job.slots[j] = -1
+
+    def _write_view(self, job: _Job, t: OutTensor) -> None:
+        run, item = self.run, job.item
+        assert job.view is not None
+        self._write(t.file, t.offset + item.start, job.view.numpy())
+        # Drop the copied pages from this process, unless a registered window holds them: pages pinned for DMA are
+        # left mapped (an unregistration drops them later).
+        a, b = t.target.offset + item.start, t.target.offset + item.stop
+        if not run.runner.overlaps_occupied((run.work.canon["target"], t.target.file), a, b):
+            _checkpoint(run.ckpts, "target").release(t.target, item.start, item.stop)
+
+    def _write(self, file: int, offset: int, data, out: int | None = None) -> None:
+        writer = self.run.writer
+        fut = self.hasher.submit(writer.digest, file, offset, data, out)
+        try:
+            writer.write(file, offset, data, out=out, hashed=True)
+        finally:
+            fut.result()  # in order: one hashing thread, and each chunk waits for its own digest
+
+
+# ---------------------------------------------------------------------------------------------- one run
+class _Run:
+    """One run of :class:`CudaEngine` over a plan: what it reads, its buffers, streams and threads, and the issuing
+    thread's steps."""
+
+    def __init__(
+        self,
+        engine: CudaEngine,
+        be: Backend,
+        plan: MergePlan,
+        ckpts: Checkpoints,
+        writer: Sink,
+        progress: Callable[[Progress], None] | None,
+        stats: EngineStats,
+    ):
+        self.t_wall = time.perf_counter()
+        self.engine, self.be, self.plan, self.ckpts, self.writer, self.stats = engine, be, plan, ckpts, writer, stats
+        self.opts = opts = plan.options
+        chunk = engine.chunk_bytes or opts.chunk_bytes
+        eplan = (
+            plan
+            if chunk == opts.chunk_bytes
+            else dataclasses.replace(plan, options=dataclasses.replace(opts, chunk_bytes=chunk))
+        )
+        self.slot_bytes = max(4, eplan.options.chunk_elems * 4)
+        skip = writer.done_files
+        self.n_out = n_out = plan.outputs
+        # A sweep's chunk takes one pinned slot per output at once: two chunks' worth plus a spare keep the GPU
+        # issuing the next chunk while the writer drains the previous one (as the CPU engine's output_slots).
+        self.slots = engine.slots
+        self.host_slots = engine.host_slots if n_out == 1 else max(engine.host_slots, 2 * n_out + 1)
+        self.work = work = plan_gpu_work(eplan, ckpts, skip, engine.window_bytes, engine.register_ahead_bytes)
+        self.bound_bytes, self.bound_count = work.windows.live(self.host_slots)
+
+        self.timers: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.failure = FirstFailure()
+        self.runner = WindowRunner(
+            be,
+            work.windows,
+            work.maps,
+            work.bases,
+            {key: (_checkpoint(ckpts, key[0]), key[1]) for key in work.maps},
+            register=engine.register_windows,
+            failure=self.failure,
+            timers=self.timers,
+            threads=engine.register_threads,
+        )
+        self.ring = SlotRing(self.host_slots)
+
+        be.reset_peak()
+        self.buf = _Buffers(
+            be,
+            self.slots,
+            self.host_slots,
+            self.slot_bytes,
+            work.inputs_max,
+            n_out,
+            accumulator=work.terms_max > 1,
+            check_finite=opts.check_finite,
+            copy_threads=engine.copy_threads,
+        )
+        if not engine.register_windows:
+            self.buf.staging()
+        self.streams = _Streams(be, self.slots, self.host_slots, len(work.gpu_items) if engine.profile else 0)
+        be.record(self.streams.s_in, self.streams.start)
+        self.report = ProgressCounter(stats, progress, work_bytes(plan, skip), work_tensors(plan, skip))
+        self.writer_thread = _WriterThread(self)
+        self.n_direct = self.n_staged = 0
+
+    # ----- the issuing thread
+    def execute(self) -> None:
+        """Issue every chunk, wait for the writer and the device, close everything; then the stats."""
+        wt = self.writer_thread
+        wt.thread.start()
+        self.runner.start()
+        peak_rss = rss_anon()
+        try:
+            g = -1
+            for item in self.work.items:
+                self.failure.check()
+                self.stats.chunks += 1
+                if not on_gpu(item):
+                    self._issue_view(item)
+                    continue
+                g += 1
+                self._issue_gpu(g, item)
+                peak_rss = max(peak_rss, rss_anon())
+            self.be.record(self.streams.s_out, self.streams.end)
+            wt.queue.put(None)
+            wt.thread.join()
+            self.failure.check()
+            self.be.synchronize()
+        except BaseException:
+            self._abort()
+            raise
+        self._close()
+        self._collect_stats(peak_rss)
+
+    def _issue_view(self, item: WorkItem) -> None:
+        """Bytes straight from the target's mapping to the writer (COPY), or nothing (an empty tensor or file)."""
+        t = item.tensor
+        view, n_in = None, 0
+        if t is not None and item.op is Op.COPY and item.stop > item.start:
+            view = _checkpoint(self.ckpts, "target").view(t.target, item.start, item.stop)
+            n_in = item.stop - item.start
+        self.writer_thread.put(_Job("view", item, n_in, view=view))
+
+    def _issue_gpu(self, g: int, item: WorkItem) -> None:
+        """GPU chunk ``g`` in device slot ``g % slots``: inputs in, kernels, output out into pinned slots, then handed
+        to the writer."""
+        t_issue = time.perf_counter()
+        self.runner.advance(g)
+        k = g % self.slots
+        ins = _inputs(item)
+        segs = self.work.windows.segments[g]
+        nbytes = [(item.stop - item.start) * itemsize(ref.dtype) for _, ref in ins]
+        direct, t_wait = self._wait_windows(segs)
+        if not all(direct):
+            t_wait += self._stage(k, ins, segs, direct)
+        self._copy_in(g, k, ins, segs, direct, nbytes)
+        out_views, count = self._compute(g, k, item, ins, nbytes)
+        ps, dt = self._copy_out(g, k, out_views, count)
+        t_wait += dt
+        self.writer_thread.put(_Job("slot", item, sum(nbytes), slots=ps, gpu_index=g, count_nonfinite=count))
+        self.timers["issue"] += time.perf_counter() - t_issue - t_wait
+
+    def _wait_windows(self, segs: list[list[Segment]]) -> tuple[list[bool], float]:
+        """Wait until every window the chunk reads is open; per input, whether all of them are registered (its
+        bytes are DMA'd in place), and the seconds waited."""
+        t0 = time.perf_counter()
+        # Every window of the chunk is waited for (no short cut): its registration is the read-ahead too.
+        check = self.failure.check
+        direct = [all([self.runner.wait_ready(sg.window, check) for sg in s]) for s in segs]
+        t_wait = time.perf_counter() - t0
+        self.timers["wait_window"] += t_wait
+        return direct, t_wait
+
+    def _segment_view(self, role: str, ref: TensorRef, seg: Segment) -> torch.Tensor:
+        return _checkpoint(self.ckpts, role).view(ref, seg.start - ref.offset, seg.stop - ref.offset)
+
+    def _stage(self, k: int, ins: list[tuple[str, TensorRef]], segs: list[list[Segment]], direct: list[bool]) -> float:
+        """Copy the inputs that are not in registered windows into device slot ``k``'s pinned staging slots, with
+        parallel host copies, once the previous H2D out of them is done; returns the seconds it took."""
+        staging, pool = self.buf.staging()
+        t0 = time.perf_counter()
+        self.be.sync_event(self.streams.in_done[k])  # the previous H2D out of these staging slots has completed
+        t1 = time.perf_counter()
+        pieces = []
+        for r, (role, ref) in enumerate(ins):
+            if direct[r]:
+                continue
+            for sg in segs[r]:
+                src = self._segment_view(role, ref, sg)
+                step = max(STAGING_PIECE_MIN, -(-src.numel() // self.engine.copy_threads))
+                for a in range(0, src.numel(), step):
+                    b = min(src.numel(), a + step)
+                    pieces.append((staging[k][r][sg.dst + a : sg.dst + b], src[a:b]))
+        list(pool.map(lambda p: p[0].copy_(p[1]), pieces))
+        self.timers["wait_staging"] += t1 - t0
+        self.timers["pack"] += time.perf_counter() - t1
+        return time.perf_counter() - t0
+
+    def _copy_in(
+        self,
+        g: int,
+        k: int,
+        ins: list[tuple[str, TensorRef]],
+        segs: list[list[Segment]],
+        direct: list[bool],
+        nbytes: list[int],
+    ) -> None:
+        """H2D on the copy-in stream, once the kernel that last read this device slot is done."""
+        be, st, buf = self.be, self.streams, self.buf
+        be.wait(st.s_in, st.comp_done[k])
+        if self.engine.profile:
+            be.record(st.s_in, st.prof[g][0])
+        for r, (role, ref) in enumerate(ins):
+            if direct[r]:
+                for sg in segs[r]:
+                    dst = buf.dev_in[k][r][sg.dst : sg.dst + (sg.stop - sg.start)]
+                    be.h2d(st.s_in, dst, self._segment_view(role, ref, sg))
+                self.n_direct += 1
+            else:
+                be.h2d(st.s_in, buf.dev_in[k][r][: nbytes[r]], buf.staging_slot(k, r)[: nbytes[r]])
+                self.n_staged += 1
+        if self.engine.profile:
+            be.record(st.s_in, st.prof[g][1])
+        be.record(st.s_in, st.in_done[k])
+
+    def _compute(
+        self, g: int, k: int, item: WorkItem, ins: list[tuple[str, TensorRef]], nbytes: list[int]
+    ) -> tuple[list[torch.Tensor], bool]:
+        """The kernels on the compute stream, once the chunk's inputs are in and the D2H that last read this output
+        slot is done; returns the output views (one per output that differs) and whether non-finite counts come
+        with them."""
+        be, st, buf = self.be, self.streams, self.buf
+        t = _tensor(item)
+        n = item.stop - item.start
+        be.wait(st.s_comp, st.in_done[k])
+        be.wait(st.s_comp, st.d2h_done[k])
+        if self.engine.profile:
+            be.record(st.s_comp, st.prof[g][2])
+        views = [buf.dev_in[k][r][: nbytes[r]].view(OUT_DTYPES[ref.dtype]) for r, (_, ref) in enumerate(ins)]
+        out_b = n * itemsize(t.dtype)
+        n_o = self.n_out if item.op is Op.MERGE and t.outputs_differ else 1
+        out_views = [buf.dev_out[k][j][:out_b].view(OUT_DTYPES[t.dtype]) for j in range(n_o)]
+        count = self.opts.check_finite and item.op is Op.MERGE
+        if item.op is Op.MERGE:
+            self._merge(k, t, n, views, out_views, count)
+        else:
+            be.convert(st.s_comp, views[0], t.dtype, out_views[0])
+        if self.engine.profile:
+            be.record(st.s_comp, st.prof[g][3])
+        be.record(st.s_comp, st.comp_done[k])
+        return out_views, count
+
+    def _merge(
+        self, k: int, t: OutTensor, n: int, views: list[torch.Tensor], out_views: list[torch.Tensor], count: bool
+    ) -> None:
+        """A MERGE chunk's kernels: per output, one kernel per vector."""
+        be, s_comp = self.be, self.streams.s_comp
+        tv = views[0] if t.base else None
+        rest = list(views[1:] if t.base else views)
+        pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        for term in t.terms:
+            plus = rest.pop(0)
+            pairs.append((plus, rest.pop(0) if term.minus_ref is not None else None))
+        for j, out_view in enumerate(out_views):
+            alphas = t.alphas_for(j)
+            if len(pairs) == 1:
+                be.merge(s_comp, tv, pairs[0][1], pairs[0][0], alphas[0], t.dtype, out_view)
+            else:
+                # Several vectors: r = r + a_i * (p_i - m_i) left to right in a float32 accumulator (the kernel's
+                # float32 store keeps every bit but a NaN's payload, and a NaN stays NaN to the end), then one
+                # rounding into the output: the CPU engine's bytes.
+                acc = self.buf.dev_acc[k][:n]
+                prev = tv
+                for i, (pv, mv) in enumerate(pairs):
+                    last = i == len(pairs) - 1
+                    dst, dt = (out_view, t.dtype) if last else (acc, "F32")
+                    be.merge(s_comp, prev, mv, pv, alphas[i], dt, dst)
+                    prev = acc
+            if count:
+                be.count_nonfinite(s_comp, out_view, views, self.buf.nf_dev[k][j : j + 1])
+
+    def _copy_out(self, g: int, k: int, out_views: list[torch.Tensor], count: bool) -> tuple[list[int], float]:
+        """D2H on the copy-out stream into pinned output slots the writer has given back (one per output that
+        differs); returns the slots and the seconds spent waiting for them."""
+        be, st, buf = self.be, self.streams, self.buf
+        out_b = out_views[0].numel() * out_views[0].element_size()
+        t0 = time.perf_counter()
+        ps = [self.ring.acquire(self.failure.check) for _ in out_views]
+        dt = time.perf_counter() - t0
+        self.timers["wait_out_slot"] += dt
+        be.wait(st.s_out, st.comp_done[k])
+        if self.engine.profile:
+            be.record(st.s_out, st.prof[g][4])
+        for j, p in enumerate(ps):
+            be.d2h(st.s_out, buf.host_out[p][:out_b], buf.dev_out[k][j][:out_b])
+            if count:
+                be.d2h(st.s_out, buf.nf_host[p], buf.nf_dev[k][j : j + 1])
+        if self.engine.profile:
+            be.record(st.s_out, st.prof[g][5])
+        be.record(st.s_out, st.d2h_done[k])
+        for p in ps:
+            be.record(st.s_out, st.out_ready[p])
+        return ps, dt
+
+    # ----- the end
+    def _abort(self) -> None:
+        """After a failure: stop the writer, let the device finish what it was given (no DMA may still read a
+        window or write a slot once windows are unregistered and buffers freed), then close everything."""
+        self.failure.set(StreamMergeError("merge interrupted"))
+        wt = self.writer_thread
+        wt.drain()
+        wt.thread.join(timeout=WRITER_JOIN_TIMEOUT_S)
+        try:
+            self.be.synchronize()
+        except Exception as e:  # noqa: BLE001 - a broken device: report the original error, not this one
+            self.stats.notes.append(f"cuda engine: device synchronisation after a failure failed ({e})")
+        self._close()
+
+    def _close(self) -> None:
+        self.runner.close()
+        self.buf.shutdown()
+        self.writer_thread.shutdown()
+
+    def _collect_stats(self, peak_rss: int) -> None:
+        be, stats, timers, work, runner, engine = self.be, self.stats, self.timers, self.work, self.runner, self.engine
+        stats.peak_gpu_memory = be.peak_memory()
+        stats.peak_rss_anon = max(peak_rss, rss_anon())
+        timers["wall"] = time.perf_counter() - self.t_wall
+        if work.gpu_items:
+            timers["gpu_span"] = be.elapsed_ms(self.streams.start, self.streams.end) / 1e3
+        if engine.profile and work.gpu_items:
+            timers.update(self._profile())
+        stats.stage_seconds = dict(timers)
+        mode = "registered windows" if engine.register_windows else "pinned staging (registration off)"
+        stats.notes.append(
+            f"cuda engine: {self.slots} device slots x ({work.inputs_max} in + {self.n_out} out"
+            f"{' + acc' if self.buf.dev_acc else ''}) x {self.slot_bytes} B, {self.host_slots} pinned output slots, "
+            f"{mode}; window {engine.window_bytes} B, read-ahead {engine.register_ahead_bytes} B"
+        )
+        stats.notes.append(
+            f"cuda engine: {len(work.gpu_items)} GPU chunks, inputs {self.n_direct} DMA'd from registered windows and "
+            f"{self.n_staged} through pinned staging; {runner.registered} windows registered "
+            f"({runner.registered_bytes} B), at most {runner.max_live} / {runner.max_live_bytes} B at once "
+            f"(plan bound {self.bound_count} / {self.bound_bytes} B)"
+        )
+        if runner.refusal:
+            stats.notes.append(f"cuda engine: {runner.refusal}; error cleared, fell back to pinned staging")
+        stats.notes += [f"cuda engine: {e}" for e in runner.unregister_errors[:5]]
+
+    def _profile(self) -> dict[str, float]:
+        """GPU busy time per stage (H2D, kernel, D2H) from the profile's events, their union and overlap."""
+        be, st = self.be, self.streams
+        ivs: dict[str, list[tuple[float, float]]] = {"gpu_h2d": [], "gpu_kernel": [], "gpu_d2h": []}
+        for ev in st.prof:
+            for name, (a, b) in zip(ivs, ((ev[0], ev[1]), (ev[2], ev[3]), (ev[4], ev[5]))):
+                ivs[name].append((be.elapsed_ms(st.start, a) / 1e3, be.elapsed_ms(st.start, b) / 1e3))
+        s = interval_stats(ivs)
+        return {**{k: s[k] for k in ivs}, "gpu_busy": s["union"], "gpu_overlap": s["overlap"]}
