@@ -406,7 +406,7 @@ def _sparse_section(sparse: dict | None) -> list[str]:
             lines.append(
                 f"- merge of {mg['num_layers']} layers on {mg['device']}, end to end to {where}: "
                 f"{_gb(mg['bytes_read'])} read, {_gb(mg['bytes_written'])} written in {mg['wall_s']:.1f} s "
-                f"({mg['gbps']:.2f} GB/s); peak RssAnon {_gb(mg['peak_rss_anon'])} (bound: a plan process's "
+                f"({mg['gbps']:.2f} GB/s); peak RssAnon {_gb(mg['peak_rss_anon'])} (bound: a baseline process's "
                 f"{_gb(mg['baseline_rss_anon'])} + planned buffers {_gb(mg['expected_host_buffers'])} + 64 MB = "
                 f"{_gb(mg['rss_anon_bound'])}: {'within' if mg['within_bound'] else '**EXCEEDED**'}), peak RSS "
                 f"{_gb(mg['peak_rss'])}{gpu}{verdict}."

@@ -23,7 +23,7 @@ Example (TOML)::
     [options]
     out_dtype = "bf16"
 
-Numerics (DESIGN.md section 2, extended): per element, in IEEE float32 with no FMA,
+Numerics (docs/numerics.md, "Many vectors"): per element, in IEEE float32 with no FMA,
 ``r = t32; r = r + f32(alpha_i) * (p32_i - m32_i)`` for i = 1..n in the order given, then one rounding to the output
 dtype. With one vector this is exactly the three-way merge.
 """
