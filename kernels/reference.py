@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import BITS_VIEW_NAMES, BLENDABLE_DTYPES, CANONICAL_NAN_BITS, DTYPE_BITS, torch_dtype
+# Absolute, not `..dtypes`: run from a checkout, this folder is also importable as a top-level `kernels` (the name of
+# an unrelated PyPI package that transformers probes for), and a relative import beyond it would fail there.
+from streammerge.dtypes import BITS_VIEW_NAMES, BLENDABLE_DTYPES, CANONICAL_NAN_BITS, DTYPE_BITS, torch_dtype
 
 # The dtypes the merge computes and writes (streammerge.dtypes' blendable ones), sorted: the order error messages
 # list them in (BF16, F16, F32).

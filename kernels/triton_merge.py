@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dtypes import CANONICAL_NAN_BITS
+from streammerge.dtypes import CANONICAL_NAN_BITS
+
 from .reference import BITS_VIEW_DTYPES, OUT_DTYPES
 
 # 1024 elements / 4 warps chosen as the standard elementwise config (Triton tutorial 01, Liger's elementwise ops), to
