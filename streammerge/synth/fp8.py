@@ -4,7 +4,8 @@ The rule is issue 12's (the one the merge writes FP8 output with), applied to a 
 ``block_size`` elements (edge blocks partial), ``amax`` = max |x| over the block's finite elements,
 ``s = amax / 448`` in float32, ``s = 1`` where amax or s is 0, ``s`` stored in the scale dtype (round to nearest even)
 and that stored value the divisor, ``q = e4m3(x / s)`` with torch's ``.to(torch.float8_e4m3fn)``: round to nearest
-even, finite values beyond 448 and infinities saturating to ±448, every NaN to 0x7F.
+even, finite values beyond 448 and infinities saturating to ±448; every NaN becomes 0x7F (torch keeps a NaN's sign,
+so its code is fixed up).
 """
 
 from __future__ import annotations
