@@ -233,7 +233,11 @@ def block_amax(r: np.ndarray, block: tuple[int, int]) -> np.ndarray:
 
 
 def new_scales(amax: np.ndarray) -> np.ndarray:
-    """``s = f32(amax / 448)``, and 1 where amax is 0 or s underflows to 0."""
+    """``s = f32(amax / 448)``, and 1 where amax is 0 or s underflows to 0.
+
+    As the contract is written, the check comes before s is stored: with BF16 scales an s below bf16's smallest
+    subnormal (2^-133, so amax below about 2^-124) is stored as 0 and divides to inf (448) and 0/0 (NaN).
+    """
     with np.errstate(all="ignore"):
         s = (amax.astype(np.float32) / np.float32(E4M3_MAX)).astype(np.float32)
     return np.where((amax == 0) | (s == 0), np.float32(1.0), s).astype(np.float32)

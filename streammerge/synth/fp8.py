@@ -82,7 +82,9 @@ def quantize_fp8_blocks(
     return codes, stored
 
 
-def dequantize_fp8_blocks(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] = (128, 128)):
+def dequantize_fp8_blocks(
+    q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
     """``float32(q) * float32(scale)`` per block: the value an FP8 weight stands for (one float32 multiply)."""
     widened = expand_blocks(scale.to(torch.float32), tuple(q.shape), block_size)
     return q.to(torch.float32) * widened
