@@ -100,7 +100,7 @@ def write_index(directory: Path, shards: list[list[str]], files: list[str], tota
     if len(files) == 1:
         return
     weight_map = {name: file for names, file in zip(shards, files, strict=True) for name in names}
-    _write_json(directory / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    write_json(directory / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
 
 
 def _generation_config(lay: Layout) -> dict:
@@ -181,13 +181,14 @@ def _tokenizer_files(lay: Layout) -> dict[str, dict]:
     return {"tokenizer.json": tokenizer, "tokenizer_config.json": tokenizer_config}
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as the generated checkpoints' JSON files are written: indented, keys sorted, one final newline."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_side_files(directory: Path, lay: Layout, dtype: str) -> None:
     """Write config.json, generation_config.json, tokenizer.json and tokenizer_config.json for ``lay``."""
-    _write_json(directory / "config.json", layout_config(lay, dtype=dtype))
-    _write_json(directory / "generation_config.json", _generation_config(lay))
+    write_json(directory / "config.json", layout_config(lay, dtype=dtype))
+    write_json(directory / "generation_config.json", _generation_config(lay))
     for name, obj in _tokenizer_files(lay).items():
-        _write_json(directory / name, obj)
+        write_json(directory / name, obj)

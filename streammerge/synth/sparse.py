@@ -22,19 +22,19 @@ def save_file_header(
 ) -> tuple[bytes, int]:
     """The safetensors header ``safetensors.torch.save_file`` would write for these tensors, byte for byte.
 
-    Tensors are laid out contiguously in save_file's order: by dtype (F32, then BF16, then F16: the reverse of the
-    safetensors ``Dtype`` enum order), then by name; the bytes come from :func:`streammerge.format.build_header`,
-    which lays tensors out in the order it is given.
+    Tensors are laid out contiguously in save_file's order: by dtype (F32, then BF16, F16, F8_E4M3, F8_E5M2: the
+    reverse of the safetensors ``Dtype`` enum order), then by name; the bytes come from
+    :func:`streammerge.format.build_header`, which lays tensors out in the order it is given.
 
     Args:
         tensors (`list[tuple[str, str, tuple[int, ...]]]`): ``(name, dtype, shape)`` in any order; dtype as for
-            [`make_sparse_checkpoint`].
+            [`make_sparse_checkpoint`], or "F8_E4M3" / "F8_E5M2".
         metadata (`dict[str, str]`, *optional*): written as ``__metadata__``.
 
     Returns:
         `tuple[bytes, int]`: the header (length prefix included) and the size of the data region.
     """
-    entries = sorted(((dtype_code(d), name, tuple(shape)) for name, d, shape in tensors), key=_save_order)
+    entries = sorted(((_header_code(d), name, tuple(shape)) for name, d, shape in tensors), key=_save_order)
     header, spans = build_header([(name, dtype, shape) for dtype, name, shape in entries], metadata)
     return header, max((end for _, end in spans.values()), default=0)
 
@@ -42,8 +42,13 @@ def save_file_header(
 # Position of each dtype in the safetensors Dtype enum (F16 < BF16 < F32); save_file writes larger positions first.
 # A fact of its own, not streammerge.dtypes': the declaration order of safetensors' Rust `Dtype` enum, which its
 # derived `Ord`, and so save_file's sort, follows. The dtype table promises no order, and only the generated
-# dtypes need a position here.
-_DTYPE_ENUM_ORDER = {"F16": 0, "BF16": 1, "F32": 2}
+# dtypes need a position here (the FP8 ones for block-scaled checkpoints, which precede F16 in the enum).
+_DTYPE_ENUM_ORDER = {"F8_E5M2": -2, "F8_E4M3": -1, "F16": 0, "BF16": 1, "F32": 2}
+
+
+def _header_code(dtype: str) -> str:
+    """A dtype as for [`make_sparse_checkpoint`], or an FP8 code (which no generated dense dtype alias names)."""
+    return dtype if dtype in _DTYPE_ENUM_ORDER else dtype_code(dtype)
 
 
 def _save_order(entry: tuple[str, str, tuple[int, ...]]) -> tuple[int, str]:
