@@ -63,7 +63,10 @@ def _run_one(
     with job:
         if distributed not in DISTRIBUTED_MODES:
             raise OptionsError(f"distributed: {distributed!r} is not one of {', '.join(DISTRIBUTED_MODES)}")
-        world = world_from_env() if distributed == "auto" else None
+        # STREAMMERGE_DISTRIBUTED=off: a process that inherited a torchrun environment (a subprocess of a rank)
+        # merges on its own instead of joining that job's rendezvous
+        off = os.environ.get("STREAMMERGE_DISTRIBUTED", "auto") == "off"
+        world = world_from_env() if distributed == "auto" and not off else None
         if world is not None and part is not None:
             raise OptionsError("--part is for independent jobs; under torchrun every rank takes its part itself")
         piece = Part.parse(part) if isinstance(part, str) else part
@@ -238,7 +241,16 @@ def sweep(
     opts = _options(options, {**_explicit(device=device), **kwargs})
     job = recipes.trio(target, sft, grpo, opts, values)
     return _run_one(
-        job, out, opts, started, progress=progress, resume=resume, sink=sink, part=part, distributed=distributed
+        job,
+        out,
+        opts,
+        started,
+        progress=progress,
+        resume=resume,
+        sink=sink,
+        part=part,
+        distributed=distributed,
+        dist_timeout=dist_timeout,
     )
 
 
@@ -323,7 +335,16 @@ def extract(
     opts = _options(options, {**kwargs, "out_dtype": dtype, "alpha": 1.0})
     job = recipes.extract(sft, grpo, opts)
     return _run_one(
-        job, out, opts, started, progress=progress, resume=resume, sink=sink, part=part, distributed=distributed
+        job,
+        out,
+        opts,
+        started,
+        progress=progress,
+        resume=resume,
+        sink=sink,
+        part=part,
+        distributed=distributed,
+        dist_timeout=dist_timeout,
     )[0]
 
 
@@ -387,7 +408,16 @@ def apply_sweep(
     recipes.check_sweep_alphas(values)
     job = recipes.apply(target, vector, values, opts, any_vector)
     return _run_one(
-        job, out, opts, started, progress=progress, resume=resume, sink=sink, part=part, distributed=distributed
+        job,
+        out,
+        opts,
+        started,
+        progress=progress,
+        resume=resume,
+        sink=sink,
+        part=part,
+        distributed=distributed,
+        dist_timeout=dist_timeout,
     )
 
 

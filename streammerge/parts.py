@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .checkpoint import INDEX_FILE
 from .errors import OptionsError, OutputError
+from .faults import crash_point
 from .plan import MergePlan
 from .writer import MANIFEST, PLAN_RECORD, SMALL_PREFIX, STATE_COMPLETE, Share, read_manifest, write_small_file
 
@@ -148,6 +149,11 @@ def finalize_parts(out_dir: str | os.PathLike) -> list[str]:
         )
     plan = read_json(out / PLAN_RECORD, "plan record")
     fingerprint = plan.get("fingerprint")
+    done = read_manifest(out)
+    if done is not None and done.get("state") == STATE_COMPLETE and done.get("fingerprint") == fingerprint:
+        # an earlier finalize wrote the complete manifest and was stopped while it cleaned up
+        _clean_up(out, plan.get("small_files", []))
+        return list(done.get("files", []))
     foreign = other_merges(out, fingerprint)
     if foreign:
         raise OutputError(
@@ -189,12 +195,15 @@ def finalize_parts(out_dir: str | os.PathLike) -> list[str]:
             raise OutputError(
                 f"{out}: a part is still writing this directory; finalize when every part is done"
             ) from None
+        # Idempotent: the staged copies, records and plan record are removed only once the complete manifest is
+        # written, so a finalize killed at any step is finished by running it again.
         for name in small_names:
-            os.replace(out / f"{SMALL_PREFIX}{name}", out / name)
+            write_small_file(out, name, (out / f"{SMALL_PREFIX}{name}").read_bytes())
         files = [f["name"] for f in plan["files"]] + small_names
         if plan.get("index") is not None:
             write_small_file(out, INDEX_FILE, plan["index"].encode())
             files.append(INDEX_FILE)
+        crash_point("index")
         manifest = {k: v for k, v in plan.items() if k not in ("files", "index", "small_files")}
         # the manifest a single process would have written: the same keys, shards in file order
         manifest.update(
@@ -202,12 +211,30 @@ def finalize_parts(out_dir: str | os.PathLike) -> list[str]:
         )
         write_small_file(out, MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
         os.fsync(fd)
-        for name in [*records, PLAN_RECORD]:
+        crash_point("finalized")
+        leftovers = [
+            p.name
+            for p in out.iterdir()
+            if p.name.lstrip(".").startswith("streammerge.") and p.name.endswith(".partial")
+        ]
+        staged = [f"{SMALL_PREFIX}{name}" for name in small_names]
+        for name in [*staged, *records, *leftovers, PLAN_RECORD]:  # killed parts' temporaries too: no part runs now
             (out / name).unlink(missing_ok=True)
         os.fsync(fd)
     finally:
         os.close(fd)
     return files
+
+
+def _clean_up(out: Path, small_names: list[str]) -> None:
+    """After the complete manifest: remove the staged small files, the part records, killed parts' temporaries of
+    our hidden files (no part runs now), and the plan record last (its presence lets finalize be run again)."""
+    leftovers = [
+        p.name for p in out.iterdir() if p.name.lstrip(".").startswith("streammerge.") and p.name.endswith(".partial")
+    ]
+    staged = [f"{SMALL_PREFIX}{name}" for name in small_names if isinstance(name, str) and "/" not in name]
+    for name in [*staged, *part_records(out), *leftovers, PLAN_RECORD]:
+        (out / name).unlink(missing_ok=True)
 
 
 def _owners(plan: dict, records: dict[str, dict], missing: list[str]) -> str:
@@ -222,7 +249,9 @@ def _owners(plan: dict, records: dict[str, dict], missing: list[str]) -> str:
     return f" (part(s) {', '.join(parts)})" if parts else ""
 
 
-def share_for(plan: MergePlan, part: Part, identity: dict, out_dir: Path, small_names: list[str]) -> Share:
+def share_for(
+    plan: MergePlan, part: Part, identity: dict, out_dir: Path, small_names: list[str], exclusive: bool = False
+) -> Share:
     """What the writer of ``part`` needs: its files, its record, what this merge recorded earlier (for resume)."""
     assignment = assign_files(plan, part.count)
     fingerprint = identity["fingerprint"]
@@ -247,4 +276,5 @@ def share_for(plan: MergePlan, part: Part, identity: dict, out_dir: Path, small_
         },
         plan_record=plan_record(plan, identity, small_names),
         check=check,
+        exclusive=exclusive,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -117,7 +118,9 @@ def refuse_in_parts(opts: MergeOptions, push_to: str | None) -> None:
             "writing. Give a new or empty output directory (or --resume an interrupted merge)"
         )
     if push_to:
-        raise OptionsError("--push-to with --part: no part holds the whole output; push after `streammerge finalize`")
+        raise OptionsError(
+            "--push-to with --part or torchrun: no part holds the whole output; push after the output is finalized"
+        )
 
 
 def _threads(opts: MergeOptions, coord: Coordinator | None) -> int | None:
@@ -217,7 +220,7 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     if p.variants:
         refuse_push_for_sweep(req.push_to)
     if part is not None:
-        refuse_in_parts(opts, req.push_to if coord is None else None)
+        refuse_in_parts(opts, req.push_to)
     if sink == "disk":
         if p.variants:
             refuse_sweep_over_single(out_dir)
@@ -234,10 +237,13 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     inputs = input_identity(ckpts)  # headers hashed once for every output of a sweep
     identities = [merge_identity(vp, ckpts, inputs) for vp in plans]
     if coord is not None:
-        coord.agree("".join(i["fingerprint"] for i in identities), "inputs, options or output layout")
+        where = "".join(os.path.realpath(d) for d in dirs) if sink == "disk" else sink
+        agreed = hashlib.sha256(("".join(i["fingerprint"] for i in identities) + where).encode()).hexdigest()
+        coord.agree(agreed, "inputs, options, output layout or output directory")
     finalize_here = False
     if part is None and sink == "disk" and any(part_records(d) for d in dirs):
-        part, finalize_here = Part(0, 1), True  # the rest of a merge begun in parts: one process finishes it
+        # the rest of a merge begun in parts: one process finishes it, holding the directory alone
+        part, finalize_here = Part(0, 1), True
     smalls = [[path.name for path in vp.aux_files] + ["README.md"] for vp in plans]
     crash_point("planned")
     with contextlib.ExitStack() as stack:
@@ -249,7 +255,7 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
                     ident,
                     resume=req.resume,
                     before_publish=guard.check,
-                    share=share_for(vp, part, ident, d, names) if part is not None else None,
+                    share=share_for(vp, part, ident, d, names, exclusive=finalize_here) if part is not None else None,
                 )
                 for d, vp, ident, names in zip(dirs, plans, identities, smalls)
             ]

@@ -166,6 +166,7 @@ class Share:
     extra: dict = field(default_factory=dict)
     plan_record: bytes = b""
     check: Callable[[], None] | None = None
+    exclusive: bool = False  # hold the directory alone (one process finishing a merge begun in parts)
 
 
 def write_small_file(out_dir: Path, name: str, data: bytes, tag: str = "") -> None:
@@ -258,7 +259,8 @@ class OutputWriter:
         # The parts of one merge share the directory (each writes only its own files); a single-process merge, or
         # finalize, holds it alone.
         try:
-            fcntl.flock(self._dir_fd, (fcntl.LOCK_SH if self.share else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            shared = self.share is not None and not self.share.exclusive
+            fcntl.flock(self._dir_fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             os.close(self._dir_fd)
             self._dir_fd = None
@@ -308,7 +310,7 @@ class OutputWriter:
             )
         for i in sorted(share.files):
             f = self.plan.files[i]
-            self._temps[i].unlink(missing_ok=True)  # this part's own temporaries: a crashed earlier run's
+            self._remove_stale_temp(i)
             path, rec = out / f.name, share.recorded.get(f.name)
             if path.is_symlink():
                 path.unlink()  # never follow a link planted where a shard belongs
@@ -329,6 +331,26 @@ class OutputWriter:
             path.unlink()
         if self.adopted:
             self.notes.append(f"resume: kept {len(self.adopted)} verified shard(s) of this part")
+
+    def _remove_stale_temp(self, i: int) -> None:
+        """Remove file ``i``'s temporary left by a crashed run; refuse if a live process still writes it (every
+        writer holds an exclusive flock on its open temporaries: a rerun of the same part, or an overlapping split,
+        must never delete or adopt another process's half-written file)."""
+        tmp = self._temps[i]
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(
+                f"{self.out_dir}: another process is writing {self.plan.files[i].name} (a part running twice, or "
+                "overlapping splits); wait for it, then run again with --resume"
+            ) from None
+        finally:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
 
     def _stale_partials(self) -> list[Path]:
         return [p for p in self.out_dir.iterdir() if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX)]
@@ -423,6 +445,7 @@ class OutputWriter:
         self._fds[i] = fd
         self._created.add(i)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while written: see _remove_stale_temp
             # Reserve the space now: a full disk fails here, before hours of work, not in the middle.
             if size > len(header):
                 try:

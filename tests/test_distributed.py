@@ -202,3 +202,65 @@ def test_the_distributed_benchmark_runs(tmp_path) -> None:
     result = json.loads((tmp_path / "res" / "distributed-smoke.json").read_text())
     assert {"null-sha256/1", "null-sha256/2", "disk/1", "disk/2"} == set(result["summary"])
     assert all(len(run["peak_rss_anon_per_rank"]) == run["ranks"] for run in result["runs"])
+
+
+@pytest.mark.parametrize("point", ["index", "finalized"])
+def test_a_finalize_killed_at_any_step_is_finished_by_running_it_again(trio, reference, tmp_path, point) -> None:
+    out = tmp_path / "out"
+    for i in (1, 2):
+        streammerge.merge(*trio, out, part=f"{i}/2", **LIB_KW)
+    env = {**os.environ, "STREAMMERGE_CRASH_AT": point}
+    r = subprocess.run(streammerge_cmd("finalize", out), capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    r = subprocess.run(streammerge_cmd("finalize", out), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _digests(out) == _digests(reference)
+
+
+def test_a_part_running_twice_never_takes_the_other_runs_file(trio, tmp_path) -> None:
+    """A live writer holds an flock on its temporary; a second run of the same part refuses instead of deleting it."""
+    import fcntl
+
+    from streammerge.parts import assign_files
+
+    out = tmp_path / "out"
+    plan = streammerge.plan(*trio, **LIB_KW)
+    name = plan.files[assign_files(plan, 2)[0][0]].name
+    out.mkdir()
+    tmp = out / f".{name}.partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running part holds it
+    try:
+        with pytest.raises(OutputError, match="another process is writing"):
+            streammerge.merge(*trio, out, part="1/2", resume=True, **LIB_KW)
+        assert tmp.exists()
+    finally:
+        os.close(fd)
+    streammerge.merge(*trio, out, part="1/2", resume=True, **LIB_KW)  # a stale temporary (no lock) is removed
+
+
+def test_push_and_a_single_process_beside_running_parts_are_refused(trio, tmp_path) -> None:
+    with pytest.raises(OptionsError, match="--push-to"):
+        streammerge.merge(*trio, tmp_path / "o", part="1/2", push_to="me/x", **LIB_KW)
+    out = tmp_path / "out"
+    streammerge.merge(*trio, out, part="1/2", **LIB_KW)
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a part still running
+    try:
+        with pytest.raises(OutputError, match="another streammerge process"):
+            streammerge.merge(*trio, out, resume=True, **LIB_KW)  # finishing it alone needs the directory alone
+    finally:
+        os.close(fd)
+
+
+def test_an_inherited_torchrun_environment_can_be_opted_out(trio, reference, tmp_path) -> None:
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    env = {**os.environ, **env, "STREAMMERGE_DISTRIBUTED": "off"}
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [*streammerge_cmd("merge", *trio), "-o", str(out), *KW], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _digests(out) == _digests(reference)
