@@ -481,7 +481,7 @@ class MergePlan:
             "scales_written": self.scales_written,
             "inputs": self.fp8["inputs"],
             "output": output,
-            "quantization_config": "removed from config.json"
+            "quantization_config": "removed"
             if self.drops_quantization_config
             else "kept"
             if self.fp8.get("target_quantized")
