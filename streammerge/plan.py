@@ -67,11 +67,12 @@ class Fp8Weights:
     block: tuple[int, int] | None = None
     block_from: str = ""
     quantization_config: bool = False
+    # the scale tensors' names: parts of their weights' units, never tensors of their own (a set, looked up per
+    # tensor of every input)
+    scale_names: frozenset[str] = field(init=False, default=frozenset())
 
-    @property
-    def scale_names(self) -> set[str]:
-        """The scale tensors' names: parts of their weights' units, never tensors of their own."""
-        return {s.ref.name for s in self.scales.values()}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale_names", frozenset(s.ref.name for s in self.scales.values()))
 
 
 class ChunkSizeError(OptionsError):
