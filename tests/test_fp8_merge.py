@@ -628,6 +628,24 @@ def test_resume_after_a_crash(fp8_trio, tmp_path) -> None:
         assert (out / f).read_bytes() == (tmp_path / "clean" / f).read_bytes(), f
 
 
+@pytest.mark.parametrize("out_dtype", [None, "bf16"], ids=["fp8", "dequantized"])
+def test_merge_in_parts_equals_one_merge(fp8_trio, out_dtype, tmp_path) -> None:
+    """``--part I/N`` then ``finalize``: each part writes its own files (a weight and its new scales are never split
+    between files), and the result is the single-process merge byte for byte, config.json included."""
+    kw = {"max_shard_size": "300KB", "out_dtype": out_dtype, "alpha": 0.5}
+    for part in ("2/2", "1/2"):
+        _merge(fp8_trio, tmp_path / "parts", part=part, **kw)
+    streammerge.finalize(tmp_path / "parts")
+    _merge(fp8_trio, tmp_path / "one", **kw)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) > 2
+    assert names == sorted(p.name for p in (tmp_path / "parts").iterdir())
+    for name in names:
+        assert (tmp_path / "parts" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    config = json.loads((tmp_path / "parts" / "config.json").read_text())
+    assert ("quantization_config" in config) == (out_dtype is None)
+
+
 def test_check_finite_and_strict(tmp_path) -> None:
     """Finite FP8 inputs whose merge overflows float32: counted (the FP8 output saturates them to +-448); --strict
     refuses the output."""
