@@ -193,6 +193,9 @@ class CpuEngine:
                             del payload
                         for ck, ref, a, b in refs(item):
                             ck.release(ref, a, b)
+                        if item.last_of_tensor:  # an FP8 weight's scales are read by every band: dropped after
+                            for role, scale in t.scales.items():
+                                ckpts[role].release(scale.ref, 0, scale.ref.nbytes)
                     written = finish_chunk(plan, writer, stats, item)
                     timers["write"] += time.perf_counter() - t0
                     report(nbytes_in + written, t if item.last_of_tensor else None, written)
