@@ -522,7 +522,7 @@ class MergePlan:
             "chunks": self.chunks,
             "expected_peak_host_memory": self.expected_peak_memory(),
             "expected_gpu_memory": self.expected_gpu_memory(),
-            **({"fp8": self.fp8_summary()} if self.fp8_summary() else {}),
+            **({"fp8": fp8} if (fp8 := self.fp8_summary()) else {}),
             "warnings": list(self.warnings),
         }
 
