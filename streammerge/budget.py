@@ -40,12 +40,42 @@ def scratch_buffers(outputs: int = 1, vectors: int = 1) -> int:
     return 2 if outputs <= 1 and vectors <= 1 else 3
 
 
-def host_buffer_bytes(chunk_bytes: int, workers: int | None = None, outputs: int = 1, vectors: int = 1) -> int:
+def host_buffer_bytes(
+    chunk_bytes: int,
+    workers: int | None = None,
+    outputs: int = 1,
+    vectors: int = 1,
+    fp8_sub_elems: int = 0,
+    scale_bytes: int = 0,
+) -> int:
     """Anonymous memory the CPU engine allocates: output slots, plus per worker its fp32 sub-block buffers and the
-    temporaries of one sub-block's torch ops. Independent of tensor and model size."""
+    temporaries of one sub-block's torch ops, plus with block-scaled FP8 tensors :func:`fp8_buffer_bytes`.
+    Independent of tensor and model size."""
     workers = workers or default_workers()
     sub = min(SUB_BLOCK_ELEMS, max(1, chunk_bytes // 4))
-    return output_slots(outputs) * chunk_bytes + workers * (scratch_buffers(outputs, vectors) + 2) * sub * 4
+    plain = output_slots(outputs) * chunk_bytes + workers * (scratch_buffers(outputs, vectors) + 2) * sub * 4
+    return plain + fp8_buffer_bytes(workers, fp8_sub_elems, outputs, scale_bytes)
+
+
+# Block-scaled FP8 sub-block: a band's rows by whole block columns, about this many elements. The FP8 path runs ~25
+# torch passes per sub-block (decode, scale, blend, per-block reductions, divide, encode, select). Measured on the
+# 2-core development machine, layer 0 of the sparse DeepSeek-V3 trio to the null sink (1.8 GB read): 64 Ki 7.7 s,
+# 256 Ki 6.3 s, 1 Mi 6.6 s, 4 Mi 7.8 s.
+FP8_SUB_BLOCK_ELEMS = 256 * 1024
+# float32-sized buffers per worker for one FP8 sub-block: the engine's four (target, plus, minus, r) and one for the
+# uint8 codes of the target, an input and the output and the finite mask; at their peak the temporaries of
+# requantize_fp8 (t32, |r|, r / s and its clamp, the block masks and codes: ~3.5 buffers) or of a decode (its int64
+# gather index: 2 buffers). 7.5 at the peak: 10 leaves room.
+FP8_SCRATCH_BUFFERS = 10
+
+
+def fp8_buffer_bytes(workers: int, fp8_sub_elems: int, outputs: int = 1, scale_bytes: int = 0) -> int:
+    """The FP8 path's buffers: per worker ``FP8_SCRATCH_BUFFERS`` float32 sub-blocks of ``fp8_sub_elems`` elements
+    (0: no FP8 tensor), and the block scales of FP8 outputs held until their weight's last band is written, at most
+    one per output slot in flight and one being filled, per output (``scale_bytes``: the largest scale tensor)."""
+    if not fp8_sub_elems:
+        return 0
+    return workers * FP8_SCRATCH_BUFFERS * fp8_sub_elems * 4 + (output_slots(outputs) + 1) * outputs * scale_bytes
 
 
 # ----------------------------------------------------------------------------------------------- CUDA engine

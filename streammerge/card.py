@@ -31,6 +31,23 @@ def model_card(p: MergePlan) -> str:
         )
         math_line = "`d = g − s; m = α·d; r = t + m`"
     rules = f"\n| rules | {'; '.join(r.describe() for r in o.rules)} |" if o.rules else ""
+    fp8 = p.fp8_summary()
+    fp8_rows = ""
+    fp8_numerics = ""
+    if fp8:
+        blocks = "; ".join(
+            f"{role} {v['block'][0]}x{v['block'][1]} (from {v['from']})" for role, v in fp8["inputs"].items()
+        )
+        fp8_rows = (
+            f"\n| FP8 tensors | {fp8['tensors']} block-scaled (blocks: {blocks}) |"
+            f"\n| FP8 output | {fp8['output']}; quantization_config {fp8['quantization_config']} |"
+        )
+        fp8_numerics = (
+            "\n\nBlock-scaled FP8 inputs are dequantized first (`x = e4m3(q) × scale`, one float32 multiply). An FP8 "
+            "output is requantized per block of the target's grid: a block whose every value equals the target's "
+            "keeps the target's bytes and scale; any other gets `scale = amax / 448` (stored in the scale dtype) and "
+            "codes rounded to nearest even, saturating at ±448."
+        )
     return f"""---
 tags:
 - merge
@@ -45,13 +62,13 @@ tags:
 | | |
 |---|---|
 {table}{rules}
-| output dtype | {o.out_dtype or "target's dtype per tensor"} |
+| output dtype | {o.out_dtype or "target's dtype per tensor"} |{fp8_rows}
 | tensors merged | {p.merged} |{reasons}
 | parameters | {p.parameters:,} |
 
 Numerics: each element is computed in IEEE float32 as {math_line} (separate roundings, no
 FMA) and rounded once to the output dtype, round-to-nearest-even; every NaN is written as the canonical quiet NaN.
-The output bytes do not depend on the device that computed them.
+The output bytes do not depend on the device that computed them.{fp8_numerics}
 
 Policies: missing={o.missing}, extra={o.extra}, shape-mismatch={o.shape_mismatch},
 unsupported-dtype={o.unsupported_dtype}.

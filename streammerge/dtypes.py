@@ -69,6 +69,11 @@ BLENDABLE_DTYPES: tuple[str, ...] = tuple(d.code for d in _TABLE if d.blendable)
 # Floating (or complex) dtypes the merge cannot widen exactly to float32: they need an explicit policy.
 UNSUPPORTED_FLOAT_DTYPES: tuple[str, ...] = tuple(d.code for d in _TABLE if d.floating and not d.blendable)
 CANONICAL_NAN_BITS: dict[str, int] = {d.code: d.canonical_nan for d in _TABLE if d.canonical_nan is not None}
+# Block-scaled FP8 (docs/numerics.md, "Block-scaled FP8"): weights in these formats are blended through their block
+# scales (a tensor named W + "_scale_inv" beside W, in one of FP8_SCALE_DTYPES); an FP8 output is always e4m3fn.
+BLOCK_FP8_DTYPES: tuple[str, ...] = ("F8_E4M3", "F8_E5M2")
+FP8_SCALE_DTYPES: tuple[str, ...] = ("F32", "BF16")
+FP8_OUT_DTYPE = "F8_E4M3"
 # The torch dtype of each output bit pattern's integer view (the rounding works on integers of the output's width).
 BITS_VIEW_NAMES: dict[int, str] = {16: "int16", 32: "int32"}
 

@@ -103,6 +103,8 @@ def merge_identity(p: MergePlan, ckpts: Mapping[str, Checkpoint | None], inputs:
         **p.options.identity(),
         "kind": p.kind,
         **({"vectors": p.vectors} if p.kind is PlanKind.COMBINE else {}),
+        # block sizes come from config.json, which no header hash covers: a changed one must not resume
+        **({"fp8_blocks": {role: v["block"] for role, v in p.fp8["inputs"].items()}} if p.fp8.get("inputs") else {}),
     }
     layout = [{"name": f.name, "size": f.size, "header_sha256": hashlib.sha256(f.header).hexdigest()} for f in p.files]
     identity = {

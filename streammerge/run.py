@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -13,20 +14,24 @@ from pathlib import Path
 from .card import model_card
 from .distributed import Coordinator
 from .engines import EngineStats, Progress
-from .errors import EngineError, OptionsError, OutputError
+from .errors import CheckpointError, EngineError, OptionsError, OutputError, format_name_list
 from .faults import crash_point
 from .identity import InputGuard, input_identity, merge_identity
 from .memory import available_memory
 from .options import MergeOptions
 from .outdir import check_output_paths, earlier_sweep_outputs, refuse_sweep_over_single
 from .parts import Part, files_of, finalize_parts, part_records, share_for
-from .plan import check_disk_space
+from .plan import MergePlan, Op, check_disk_space
 from .recipes import Planned, sweep_dirname
 from .verify import verify
 from .writer import NullWriter, OutputWriter, SweepWriter
 
 ProgressCallback = Callable[[Progress], None]
 SINKS = ("disk", "null", "null-sha256")
+# The engines (by name) that compute block-scaled FP8 tensors; another one meeting an FP8 tensor is refused rather
+# than trusted with bytes it was not built for. The CUDA engine's FP8 path adds "cuda" here when it lands.
+FP8_ENGINES = ("cpu",)
+FP8_ENGINE_MESSAGE = "FP8 tensors need the CPU engine in this version: --device cpu"
 
 
 @dataclass
@@ -180,14 +185,25 @@ def cuda_engine(opts: MergeOptions | None):
 
 
 def select_engine(
-    device: str, threads: int | None = None, opts: MergeOptions | None = None, coord: Coordinator | None = None
+    device: str,
+    threads: int | None = None,
+    opts: MergeOptions | None = None,
+    coord: Coordinator | None = None,
+    fp8: bool = False,
 ):
     """The engine for ``device`` ("auto", "cpu", "cuda") and a note saying why it was chosen. Under torchrun each
-    rank takes GPU ``LOCAL_RANK``."""
+    rank takes GPU ``LOCAL_RANK``. ``fp8``: the plan computes block-scaled FP8 tensors, which only the engines in
+    :data:`FP8_ENGINES` do ("auto" then picks one of them; "cuda" outside them is an error)."""
     if device == "cpu":
         from .engines.cpu import CpuEngine
 
         return CpuEngine(threads), "cpu (requested)"
+    if fp8 and "cuda" not in FP8_ENGINES:
+        if device == "cuda":
+            raise EngineError(FP8_ENGINE_MESSAGE)
+        from .engines.cpu import CpuEngine
+
+        return CpuEngine(threads), "cpu (auto: FP8 tensors need the CPU engine in this version)"
     cuda_ok, why = cuda_usable()
     if device == "cuda" and not cuda_ok:
         raise EngineError(f"--device cuda: {why}; use --device cpu or auto")
@@ -227,7 +243,12 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
         for d in dirs:
             check_output_paths(d, ckpts)
         check_disk_space(p, out_dir)
-    engine, engine_note = select_engine(opts.device, _threads(opts, coord), opts, coord)
+    fp8 = bool(p.fp8_tensors)
+    engine, engine_note = select_engine(opts.device, _threads(opts, coord), opts, coord, fp8=fp8)
+    if fp8 and engine.name not in FP8_ENGINES:  # an engine given some other way (tests inject one)
+        raise EngineError(FP8_ENGINE_MESSAGE)
+    if fp8:
+        check_fp8_scales(p, ckpts)  # values, not headers: before anything is written
     available = available_memory()
     if available is not None and p.bytes_read > available // 2:
         for ck in ckpts.values():
@@ -271,7 +292,7 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
         stats: EngineStats = engine.run(p, ckpts, writer, req.progress)
         files = []
         for vp, w in zip(plans, writers):
-            small = {path.name: path.read_bytes() for path in vp.aux_files}
+            small = small_files(vp)
             small["README.md"] = model_card(vp).encode()
             files.append(w.finalize(small))
     if coord is not None:
@@ -314,6 +335,64 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             )
         )
     return reports
+
+
+def small_files(p: MergePlan) -> dict[str, bytes]:
+    """The files copied from the target (config, tokenizer, ...): as they are, except that config.json loses its
+    ``quantization_config`` where the output holds no FP8 tensor (``plan.drops_quantization_config``), so
+    transformers loads the dequantized model as a plain one."""
+    out = {}
+    for path in p.aux_files:
+        data = path.read_bytes()
+        if path.name == "config.json" and p.drops_quantization_config:
+            try:
+                config = json.loads(data)
+            except ValueError:
+                raise CheckpointError(f"{path}: not valid JSON; cannot remove its quantization_config") from None
+            config.pop("quantization_config", None)
+            data = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+        out[path.name] = data
+    return out
+
+
+def check_fp8_scales(p: MergePlan, ckpts) -> None:
+    """Every block scale the plan computes with must be finite (a zero scale is legal: its block dequantizes to
+    zeros). Headers cannot tell, so the values are read here (about 1/4096 of the FP8 bytes with 128x128 F32
+    blocks), before any output file exists.
+
+    Raises:
+        [`CheckpointError`]: naming each offending scale tensor and its file, nothing written.
+    """
+    import torch
+
+    from .dtypes import torch_dtype
+
+    seen: set[tuple[int, str]] = set()
+    bad: list[str] = []
+    for t in p.fp8_tensors:
+        if t.op is Op.COPY:
+            continue
+        for role, scale in t.scales.items():
+            ck = ckpts[role]
+            key = (id(ck), scale.ref.name)
+            if key in seen:
+                continue
+            seen.add(key)
+            ref = scale.ref
+            values = ck.view(ref, 0, ref.nbytes, torch_dtype(ref.dtype))
+            finite = torch.isfinite(values)
+            if not bool(finite.all()):
+                i = int((~finite).nonzero()[0, 0])
+                pos = list(divmod(i, ref.shape[1])) if ref.shape[1] else [i]
+                n = int((~finite).sum())
+                bad.append(f"{ref.name} in {ck.files[ref.file]} ({n} non-finite, first {float(values[i])} at {pos})")
+            del values, finite
+            ck.release(ref, 0, ref.nbytes)
+    if bad:
+        raise CheckpointError(
+            f"{len(bad)} block scale tensor(s) hold NaN or infinite scales: {format_name_list(bad)}. A scale must be "
+            "finite (0 is fine); the checkpoint is corrupt or was quantized wrongly"
+        )
 
 
 def push_verified(out_dir: Path, repo_id: str, *, private: bool = False, commit_message: str | None = None) -> str:

@@ -11,12 +11,12 @@ from pathlib import Path
 from . import recipes
 from .budget import SUB_BLOCK_ELEMS
 from .checkpoint import Checkpoint
-from .dtypes import DTYPE_BITS
+from .dtypes import DTYPE_BITS, torch_dtype
 from .engines import Progress
 from .errors import StreamMergeError
 from .format import read_header
 from .options import MergeOptions
-from .plan import Op, PlanKind
+from .plan import ChunkSizeError, Op, PlanKind
 from .sources import close_all
 from .writer import STATE_COMPLETE, read_manifest, sha256_file
 
@@ -171,24 +171,33 @@ def _recompute(
     import torch  # recomputing needs the engine's math; checking checksums alone does not
 
     from .engines import EngineStats
-    from .engines.cpu import CpuEngine, iter_work
+    from .engines.cpu import CpuEngine, Fp8Scratch, iter_work
+    from .engines.work import scale_rows
 
     o = manifest.get("options", {})
     kind = o.get("kind", "merge")
     opts = MergeOptions.from_identity(o, chunk_bytes="4MiB")  # small chunks: a sample costs little to read
     outs: dict[int, Checkpoint] = {}
     sources = manifest.get("sources")
-    if spec is not None:
-        from .spec import load_spec
 
-        job = recipes.combine(load_spec(spec), opts)
-    elif kind == PlanKind.APPLY:
-        # The vector is the one given: any difference from the one used shows as a layout or byte mismatch.
-        job = recipes.apply(inputs["target"], inputs["vector"], [opts.alpha], opts, any_vector=True, sources=sources)
-    elif kind == PlanKind.VECTOR:
-        job = recipes.extract(inputs["sft"], inputs["grpo"], opts, sources=sources)
-    else:
-        job = recipes.trio(inputs["target"], inputs["sft"], inputs["grpo"], opts, sources=sources)
+    def planned(opts: MergeOptions):
+        if spec is not None:
+            from .spec import load_spec
+
+            return recipes.combine(load_spec(spec), opts)
+        if kind == PlanKind.APPLY:
+            # The vector is the one given: any difference from the one used shows as a layout or byte mismatch.
+            vec = inputs["vector"]
+            return recipes.apply(inputs["target"], vec, [opts.alpha], opts, any_vector=True, sources=sources)
+        if kind == PlanKind.VECTOR:
+            return recipes.extract(inputs["sft"], inputs["grpo"], opts, sources=sources)
+        return recipes.trio(inputs["target"], inputs["sft"], inputs["grpo"], opts, sources=sources)
+
+    try:
+        job = planned(opts)
+    except ChunkSizeError as e:  # an FP8 band wider than the small chunk: its bytes do not depend on the chunk
+        opts = opts.replace(chunk_bytes=e.chunk_bytes)
+        job = planned(opts)
     plan, ckpts = job.plan, job.inputs
     try:
         for i, f in enumerate(plan.files):
@@ -214,6 +223,7 @@ def _recompute(
         buf = torch.empty(opts.chunk_bytes, dtype=torch.uint8)
         sub = min(SUB_BLOCK_ELEMS, opts.chunk_elems)
         scratch = [(torch.empty(sub), torch.empty(sub), torch.empty(sub))]
+        fp8_scratch = [Fp8Scratch.allocate(plan.fp8_sub_elems)] if plan.fp8_sub_elems else None
         stats = EngineStats(device="cpu")
         for item in items:
             t = item.tensor
@@ -221,11 +231,16 @@ def _recompute(
                 continue
             out_ck = outs[t.file]
             ref = out_ck.tensors[t.name]
+            new_scales = None
             if item.op is Op.COPY:
                 a, b = item.start, item.stop
                 want = ckpts["target"].view(t.target, a, b)
             else:
-                CpuEngine.compute_chunk(t, item, ckpts, [buf], scratch, opts, stats)
+                if t.fp8_out and t.scale_out is not None:  # this band's new block scales, compared beside its codes
+                    g0, g1 = scale_rows(t, item)
+                    new_scales = torch.empty((g1 - g0, t.scale_out.shape[1]), dtype=torch_dtype(t.scale_out.dtype))
+                bands = [new_scales] if new_scales is not None else None
+                CpuEngine.compute_chunk(t, item, ckpts, [buf], scratch, opts, stats, None, bands, fp8_scratch)
                 isz = DTYPE_BITS[t.dtype] // 8
                 a, b = item.start * isz, item.stop * isz
                 want = buf[: b - a]
@@ -236,6 +251,12 @@ def _recompute(
             same = torch.equal(want, got)
             del want, got
             out_ck.release(ref, a, b)  # keep resident memory flat on a --full pass over a 70B output
+            if new_scales is not None and same and t.scale_out is not None:
+                s_ref = out_ck.tensors[t.scale_out.name]
+                row = t.scale_out.shape[1] * DTYPE_BITS[t.scale_out.dtype] // 8
+                got_scales = out_ck.view(s_ref, g0 * row, g1 * row)
+                same = torch.equal(new_scales.view(-1).view(torch.uint8), got_scales)
+                del got_scales
             for label, r in t.inputs(item.op):
                 if r is not None:
                     isz_in = DTYPE_BITS[r.dtype] // 8

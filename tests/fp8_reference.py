@@ -12,9 +12,9 @@ The contract, per tensor:
   BF16/F16/F32 inputs are widened exactly;
 - blend: ``d = g32 - s32; m = a32 * d; r = t32 + m``;
 - FP8 output (target FP8): per block of the target's grid, if every ``r == t32`` (IEEE: +-0 equal, NaN never) the
-  target's codes and scale stay; else ``amax`` = max |r| over finite elements, ``s = f32(amax / 448)``, ``s = 1``
-  where amax or s is 0, ``s`` stored in the scale dtype (RNE) and the stored value the divisor,
-  ``q = e4m3(f32(r / s))``;
+  target's codes and scale stay; else ``amax`` = max |r| over finite elements, ``s = f32(amax / 448)`` stored in
+  the scale dtype (RNE), the stored 1 where amax or the stored s is 0, and the stored value the divisor:
+  ``q = e4m3(f32(r / s_stored))``;
 - plain output (BF16/F16/F32): one rounding from ``r``, RNE, overflow to infinity, NaN to the canonical quiet NaN.
 """
 
@@ -232,15 +232,19 @@ def block_amax(r: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     return _blocks(finite, block, 0.0).max(axis=(1, 3))  # zero padding never raises a maximum of |r| >= 0
 
 
-def new_scales(amax: np.ndarray) -> np.ndarray:
-    """``s = f32(amax / 448)``, and 1 where amax is 0 or s underflows to 0.
+def new_scales(amax: np.ndarray, scale_dtype: str = "F32") -> np.ndarray:
+    """The stored scale bits of blocks with maximum ``amax``: ``s = f32(amax / 448)`` stored in ``scale_dtype``
+    (RNE), and the stored 1.0 where amax is 0 or the stored s is 0.
 
-    As the contract is written, the check comes before s is stored: with BF16 scales an s below bf16's smallest
-    subnormal (2^-133, so amax below about 2^-124) is stored as 0 and divides to inf (448) and 0/0 (NaN).
+    The rule applies to the stored value (the lead's decision on issue 12): checking s before it is rounded to
+    BF16 would let an amax below about 2^-124 store a 0 scale (bf16's smallest subnormal is 2^-133), and the divide
+    would turn finite inputs into 0/0 = NaN.
     """
     with np.errstate(all="ignore"):
         s = (amax.astype(np.float32) / np.float32(E4M3_MAX)).astype(np.float32)
-    return np.where((amax == 0) | (s == 0), np.float32(1.0), s).astype(np.float32)
+    stored = store_scale(s, scale_dtype)
+    one = store_scale(np.ones_like(s), scale_dtype)
+    return np.where((amax == 0) | (widen_scale(stored, scale_dtype) == 0), one, stored).astype(stored.dtype)
 
 
 def quantize(
@@ -248,7 +252,7 @@ def quantize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quantize float32 ``r`` block by block, every block anew: ``(codes uint8, scale bits)``."""
     r = np.asarray(r, dtype=np.float32)
-    scale_bits = store_scale(new_scales(block_amax(r, block)), scale_dtype)
+    scale_bits = new_scales(block_amax(r, block), scale_dtype)
     divisor = expand(widen_scale(scale_bits, scale_dtype), r.shape, block)
     with np.errstate(all="ignore"):
         scaled = (r / divisor).astype(np.float32)

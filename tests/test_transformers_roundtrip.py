@@ -6,6 +6,22 @@ Checked: every parameter of the loaded model equals the numerics contract (docs/
 independent numpy reference, bit for bit; the logits equal those of the same merge done in memory; the tokenizer
 and config files were copied and load to the same tokenizer; a tied ``lm_head`` (absent from the files) follows the
 merged embedding.
+
+Block-scaled FP8 (issue 12), on the tiny DeepSeek-V3 layout (``DeepseekV3ForCausalLM``, MLA attention, a dense and
+two MoE layers; the MTP layer's tensors are in the files and transformers leaves them unused, as for DeepSeek-V3):
+
+- the dequantized output (``--out-dtype bf16``) has no ``_scale_inv`` tensors and no ``quantization_config``, loads
+  as a plain model on CPU, and gives logits identical to a model loaded from the reference's bytes;
+- the FP8 output loads on CPU too, through transformers' FP8 integration (``FineGrainedFP8HfQuantizer``): with no
+  GPU it dequantizes the weights to bf16 while loading (``(e4m3(q) * scale).to(bf16)``, the contract's dequantization
+  and one rounding). Its logits are identical to those of the reference's FP8 bytes loaded the same way, and to a
+  plain model holding the contract's dequantized values rounded once to bf16. That integration needs the
+  ``accelerate`` package: without it transformers refuses every FP8 checkpoint with "Loading an FP8 quantized model
+  requires accelerate", and the test then checks exactly that refusal (it is never skipped).
+- transformers derives each weight's block from its scale grid (``rows // scale_rows``), which is right only when
+  the shapes are whole blocks (every DeepSeek-V3/R1, Kimi-K2 and Qwen3-FP8 weight is); the tiny layout's sizes are
+  multiples of 16, so these trios use 16 x 16 blocks. (With 128 x 128 blocks the tiny layout has partial edge blocks,
+  which transformers would read with other block sizes; that is the loader's limit, not the checkpoint's.)
 """
 
 from __future__ import annotations
@@ -224,3 +240,167 @@ def test_transformers_roundtrip(trio, alpha, out_shard_size, tmp_path):
     # The config transformers reads back is the target's.
     strip = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731
     assert strip(merged.config) == strip(in_memory.config)
+
+
+# ------------------------------------------------------------------------------------------------ block-scaled FP8
+
+FP8_BLOCK = (16, 16)  # the tiny DeepSeek-V3 layout's sizes are multiples of 16 (see the module docstring)
+SCALE_SUFFIX = "_scale_inv"
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3"}
+
+
+def _raw(d: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """Every tensor of a directory as (dtype, bit patterns), read with safetensors itself."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k).contiguous()
+                view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]
+                bits = t.view(view).numpy()
+                out[k] = (_ST_DTYPES[t.dtype], bits.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[t.element_size()]))
+    return out
+
+
+def _reference_merge(dirs: dict[str, Path], alpha: float, out_dtype: str | None) -> dict[str, tuple[str, np.ndarray]]:
+    """The merge by the independent numpy reference (tests/fp8_reference.py) over the inputs' raw bits."""
+    from fp8_reference import Fp8Tensor, PlainTensor, merge
+
+    raws = {k: _raw(d) for k, d in dirs.items()}
+
+    def as_ref(raw, name):
+        dtype, bits = raw[name]
+        if dtype.startswith("F8"):
+            sdtype, sbits = raw[name + SCALE_SUFFIX]
+            return Fp8Tensor(bits, sbits, FP8_BLOCK, sdtype, dtype)
+        return PlainTensor(bits, dtype)
+
+    want = {}
+    target = raws["target"]
+    for name in target:
+        if name.endswith(SCALE_SUFFIX) and target.get(name[: -len(SCALE_SUFFIX)], ("",))[0].startswith("F8"):
+            continue
+        out = merge(*(as_ref(raws[k], name) for k in ("target", "sft", "grpo")), alpha, out_dtype)
+        if isinstance(out, Fp8Tensor):
+            want[name] = ("F8_E4M3", out.codes)
+            want[name + SCALE_SUFFIX] = (out.scale_dtype, out.scale_bits)
+        else:
+            want[name] = (out.dtype, out.bits)
+    return want
+
+
+def _save_reference(d: Path, tensors: dict[str, tuple[str, np.ndarray]], shapes: dict, config: dict) -> Path:
+    """A checkpoint holding exactly the reference's bytes, written by safetensors, with ``config`` as config.json."""
+    from safetensors.torch import save_file
+
+    torch_of = {"BF16": (np.int16, torch.bfloat16), "F32": (np.int32, torch.float32), "F8_E4M3": (np.uint8, None)}
+    state = {}
+    for name, (dtype, bits) in tensors.items():
+        signed, dt = torch_of[dtype]
+        t = torch.from_numpy(np.ascontiguousarray(bits).view(signed).copy()).reshape(shapes[name])
+        state[name] = t.view(torch.float8_e4m3fn) if dtype == "F8_E4M3" else t.view(dt)
+    d.mkdir(parents=True)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture(scope="module")
+def fp8_trio(tmp_path_factory):
+    from streammerge import synth
+
+    trio = synth.make_fp8_trio(tmp_path_factory.mktemp("deepseek") / "trio", block_size=FP8_BLOCK, seed=7)
+    return {"target": trio.target, "sft": trio.sft, "grpo": trio.grpo}
+
+
+def _deepseek_ids() -> torch.Tensor:
+    return torch.tensor([[0, 5, 17, 42, 99, 150, 191, 3, 8]])
+
+
+def _shapes(d: Path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for f in d.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = tuple(h.get_slice(k).get_shape())
+    return out
+
+
+def _fp8_load(path: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **{DTYPE_KW: torch.bfloat16}).eval()
+
+
+def test_fp8_dequantized_output_roundtrip(fp8_trio, tmp_path):
+    out = tmp_path / "merged"
+    streammerge.merge(*fp8_trio.values(), out, alpha=0.5, out_dtype="bf16", device="cpu")
+    want = _reference_merge(fp8_trio, 0.5, "BF16")
+    got = _raw(out)
+    assert set(got) == set(want) and not [n for n in got if n.endswith(SCALE_SUFFIX)]
+    for name, (dtype, bits) in want.items():
+        assert got[name][0] == dtype and np.array_equal(got[name][1].reshape(-1), bits.reshape(-1)), name
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = _fp8_load(out)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}  # the router bias is F32
+    reference = _fp8_load(_save_reference(tmp_path / "reference", want, _shapes(out), config))
+    ids = _deepseek_ids()
+    got_logits, want_logits = _logits(model, ids), _logits(reference, ids)
+    assert got_logits.shape == (1, ids.shape[1], 192) and torch.isfinite(got_logits).all()
+    assert torch.equal(got_logits, want_logits)
+    target = _fp8_load_plain_target(fp8_trio["target"], tmp_path / "target-deq")
+    assert not torch.equal(got_logits, _logits(target, ids))  # the merge changed the model
+
+
+def _fp8_load_plain_target(target: Path, d: Path):
+    """The target's weights dequantized by the reference and rounded once to bf16, as a plain checkpoint."""
+    from fp8_reference import dequantize, round_to
+
+    raw = _raw(target)
+    plain = {}
+    for name, (dtype, bits) in raw.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if dtype.startswith("F8"):
+            sdtype, sbits = raw[name + SCALE_SUFFIX]
+            values = dequantize(bits, sbits, FP8_BLOCK, sdtype)
+            plain[name] = ("BF16", round_to(values, "BF16"))
+        else:
+            plain[name] = (dtype, bits)
+    config = json.loads((target / "config.json").read_text())
+    config.pop("quantization_config")
+    return _fp8_load(_save_reference(d, plain, _shapes(target), config))
+
+
+def test_fp8_output_roundtrip(fp8_trio, tmp_path):
+    """The FP8 output in transformers on CPU: dequantized while loading (needs accelerate; see the docstring)."""
+    out = tmp_path / "merged"
+    streammerge.merge(*fp8_trio.values(), out, alpha=1.0, device="cpu")
+    want = _reference_merge(fp8_trio, 1.0, None)
+    got = _raw(out)
+    assert set(got) == set(want)
+    for name, (dtype, bits) in want.items():
+        assert got[name][0] == dtype and np.array_equal(got[name][1].reshape(-1), bits.reshape(-1)), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == list(FP8_BLOCK)
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        # transformers' FP8 integration cannot load any FP8 checkpoint without accelerate, on any device
+        with pytest.raises(ImportError, match="Loading an FP8 quantized model requires accelerate"):
+            _fp8_load(out)
+        return
+    model = _fp8_load(out)
+    # no GPU: dequantized while loading (the router bias stays F32, as in the checkpoint)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}
+    reference = _fp8_load(_save_reference(tmp_path / "reference", want, _shapes(out), config))
+    ids = _deepseek_ids()
+    got_logits = _logits(model, ids)
+    assert torch.isfinite(got_logits).all() and torch.equal(got_logits, _logits(reference, ids))
+    # transformers' dequantization is the contract's, rounded once to bf16: a plain model of those values agrees
+    plain = _fp8_load_plain_target(_save_reference(tmp_path / "ref-fp8", want, _shapes(out), config), tmp_path / "p")
+    assert torch.equal(got_logits, _logits(plain, ids))

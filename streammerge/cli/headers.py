@@ -47,7 +47,7 @@ def inspect(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, index or .safetensors file.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Summarise a checkpoint: files, tensors, parameters, dtypes, largest shapes.
+    """Summarise a checkpoint: files, tensors, parameters, dtypes, largest shapes, block-scaled FP8 weights.
 
     Example:
 
@@ -56,6 +56,8 @@ def inspect(
 
     def body():
         from ..checkpoint import open_checkpoint
+        from ..errors import CheckpointError
+        from ..plan import fp8_weights
 
         with open_checkpoint(checkpoint) as ck:
             dtypes: dict[str, int] = {}
@@ -75,6 +77,22 @@ def inspect(
                 "largest": [{"name": r.name, "dtype": r.dtype, "shape": list(r.shape)} for r in largest],
                 "aux_files": [p.name for p in ck.aux_files()],
             }
+            try:
+                w = fp8_weights(ck)
+            except CheckpointError as e:  # inspect reports a malformed FP8 checkpoint instead of failing on it
+                info["fp8"] = {"error": str(e)}
+            else:
+                if w.block is not None:
+                    scale_dtypes: dict[str, int] = {}
+                    for s in w.scales.values():
+                        scale_dtypes[s.ref.dtype] = scale_dtypes.get(s.ref.dtype, 0) + 1
+                    info["fp8"] = {
+                        "weights": len(w.scales),
+                        "block": list(w.block),
+                        "block_from": w.block_from,
+                        "scale_dtypes": scale_dtypes,
+                        "quantization_config": w.quantization_config,
+                    }
         print_checkpoint(info, as_json)
 
     run_command(body)

@@ -52,6 +52,15 @@ def print_plan(summary: dict, out: str | None) -> None:
         f"{s['chunks']} chunks); independent of model size",
         f"gpu     ~{gb(s['expected_gpu_memory'])} device buffers with --device cuda",
     ]
+    fp8 = s.get("fp8")
+    if fp8:
+        blocks = ", ".join(
+            f"{role} {v['block'][0]}x{v['block'][1]} ({v['weights']} weights, from {v['from']})"
+            for role, v in fp8["inputs"].items()
+        )
+        lines.append(f"fp8     {fp8['tensors']} tensor(s) from block-scaled FP8 inputs; blocks: {blocks}")
+        new = f" ({fp8['fp8_out']} weight(s) with new block scales)" if fp8["fp8_out"] else ""
+        lines.append(f"fp8 out {fp8['output']}{new}; config.json's quantization_config: {fp8['quantization_config']}")
     for rule_text, hits in s.get("rule_hits", {}).items():
         lines.append(f"rule    {rule_text}: {hits} tensor(s)")
     print("\n".join(lines))
@@ -165,6 +174,16 @@ def print_checkpoint(info: dict, as_json: bool) -> None:
     print("largest " + "; ".join(f"{r['name']} {r['dtype']}{r['shape']}" for r in info["largest"]))
     if info["aux_files"]:
         print("files   " + ", ".join(info["aux_files"]))
+    fp8 = info.get("fp8")
+    if fp8 and "error" in fp8:
+        print(f"fp8     malformed: {fp8['error']}")
+    elif fp8:
+        scales = ", ".join(f"{k}: {v}" for k, v in sorted(fp8["scale_dtypes"].items()))
+        print(
+            f"fp8     {fp8['weights']} block-scaled weight(s), blocks {fp8['block'][0]}x{fp8['block'][1]} "
+            f"(from {fp8['block_from']}), scales {scales}"
+            + ("" if fp8["quantization_config"] else "; config.json has no quantization_config")
+        )
 
 
 def print_verify(r, as_json: bool) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -19,9 +20,9 @@ from ..budget import SUB_BLOCK_ELEMS, default_workers, output_slots, scratch_buf
 from ..checkpoint import Checkpoint, TensorRef
 from ..dtypes import itemsize
 from ..errors import StreamMergeError
-from ..kernels.reference import OUT_DTYPES, round_from_f32
+from ..kernels.reference import OUT_DTYPES, dequantize_fp8, requantize_fp8, round_from_f32
 from ..memory import rss_anon
-from ..plan import MergePlan, Op, OutTensor
+from ..plan import MergePlan, Op, OutTensor, fp8_sub_block
 from ..writer import Sink
 from .stats import EngineStats, Progress, ProgressCounter
 from .work import (
@@ -32,12 +33,35 @@ from .work import (
     out_bytes,
     out_offset,
     record_nonfinite,
+    scale_rows,
     work_bytes,
     work_tensors,
 )
 
 # Chunks the prefetch thread may run ahead of the compute thread.
 PREFETCH_AHEAD = 2
+
+
+@dataclass
+class Fp8Scratch:
+    """One worker's buffers for block-scaled FP8 sub-blocks (``budget.fp8_buffer_bytes``), ``elems`` elements each:
+    float32 target, plus, minus and result values; uint8 codes of the target (kept for the requantization), of
+    another input and of the output; a bool mask of finite inputs (``check_finite``)."""
+
+    t32: torch.Tensor
+    p32: torch.Tensor
+    m32: torch.Tensor
+    r32: torch.Tensor
+    t_codes: torch.Tensor
+    codes: torch.Tensor
+    out_codes: torch.Tensor
+    finite: torch.Tensor
+
+    @classmethod
+    def allocate(cls, elems: int) -> Fp8Scratch:
+        f32 = [torch.empty(elems, dtype=torch.float32) for _ in range(4)]
+        u8 = [torch.empty(elems, dtype=torch.uint8) for _ in range(3)]
+        return cls(*f32, *u8, torch.empty(elems, dtype=torch.bool))
 
 
 class CpuEngine:
@@ -82,6 +106,10 @@ class CpuEngine:
         sub = min(SUB_BLOCK_ELEMS, elems)
         n_buf = scratch_buffers(n_out, plan.max_vectors)
         scratch = [tuple(torch.empty(sub) for _ in range(n_buf)) for _ in range(workers)]
+        fp8_scratch = [Fp8Scratch.allocate(plan.fp8_sub_elems) for _ in range(workers)] if plan.fp8_sub_elems else None
+        # An FP8 output's new block scales, per output: filled band by band, written after the weight's last band
+        # (each a fresh tensor: the writer thread may still hold the previous weight's).
+        scales_of: list[torch.Tensor] = []
         free_slots: queue.Queue[int] = queue.Queue()
         for i in range(n_slots):
             free_slots.put(i)
@@ -145,7 +173,7 @@ class CpuEngine:
                     continue
                 try:
                     t0 = time.perf_counter()
-                    kind, payload, item, nbytes_in = job
+                    kind, payload, item, nbytes_in, new_scales = job
                     t = item.tensor
                     if t is not None and item.stop > item.start:
                         if kind == "slot":
@@ -157,11 +185,17 @@ class CpuEngine:
                                 if k < len(payload) - 1:
                                     free_slots.put(sid)  # written: back to the compute thread at once
                                     payload[k] = -1
+                            for k, sc in enumerate(new_scales):  # right after the weight: still in offset order
+                                out = k if len(new_scales) > 1 else None
+                                writer.write(t.file, t.scale_out.offset, _bytes_of(sc), out=out, hashed=True)
                         else:
                             writer.write(t.file, t.offset + item.start, payload.numpy(), hashed=True)
                             del payload
                         for ck, ref, a, b in refs(item):
                             ck.release(ref, a, b)
+                        if item.last_of_tensor:  # an FP8 weight's scales are read by every band: dropped after
+                            for role, scale in t.scales.items():
+                                ckpts[role].release(scale.ref, 0, scale.ref.nbytes)
                     written = finish_chunk(plan, writer, stats, item)
                     timers["write"] += time.perf_counter() - t0
                     report(nbytes_in + written, t if item.last_of_tensor else None, written)
@@ -193,7 +227,7 @@ class CpuEngine:
                     n_in = item.stop - item.start
                     if view is not None and n_in:
                         writer.digest(t.file, t.offset + item.start, view.numpy())
-                    self._put(write_q, ("view", view, item, n_in), failure)
+                    self._put(write_q, ("view", view, item, n_in, ()), failure)
                     continue
                 t0 = time.perf_counter()
                 # A sweep's chunk takes one slot per output, unless every output gets the same bytes.
@@ -203,13 +237,24 @@ class CpuEngine:
                 timers["wait_slot"] += time.perf_counter() - t0
                 failure.check()
                 t0 = time.perf_counter()
-                n_in = self.compute_chunk(t, item, ckpts, [slots[i] for i in ids], scratch, plan.options, stats, pool)
+                if t.fp8_out and item.start == 0:
+                    scales_of = [torch.empty(t.scale_out.shape, dtype=OUT_DTYPES[t.scale_out.dtype]) for _ in ids]
+                band_scales = [sc[slice(*scale_rows(t, item))] for sc in scales_of] if t.fp8_out else None
+                outs = [slots[i] for i in ids]
+                n_in = self.compute_chunk(
+                    t, item, ckpts, outs, scratch, plan.options, stats, pool, band_scales, fp8_scratch
+                )
+                new_scales: tuple[torch.Tensor, ...] = ()
                 if item.stop > item.start:
                     for k, sid in enumerate(ids):
                         data = slots[sid][: out_bytes(t, item)].numpy()
                         writer.digest(t.file, t.offset + out_offset(t, item), data, out=k if len(ids) > 1 else None)
+                    if t.fp8_out and item.last_of_tensor:
+                        new_scales = tuple(scales_of)
+                        for k, sc in enumerate(new_scales):
+                            writer.digest(t.file, t.scale_out.offset, _bytes_of(sc), out=k if len(ids) > 1 else None)
                 timers["compute"] += time.perf_counter() - t0
-                self._put(write_q, ("slot", ids, item, n_in), failure)
+                self._put(write_q, ("slot", ids, item, n_in, new_scales), failure)
                 peak = max(peak, rss_anon())  # ~20 us per chunk
             write_q.put(None)
             threads[1].join()
@@ -243,10 +288,27 @@ class CpuEngine:
 
     @staticmethod
     def compute_chunk(
-        t: OutTensor, item: WorkItem, ckpts, out_slots: list[torch.Tensor], scratch, opts, stats: EngineStats, pool=None
+        t: OutTensor,
+        item: WorkItem,
+        ckpts,
+        out_slots: list[torch.Tensor],
+        scratch,
+        opts,
+        stats: EngineStats,
+        pool=None,
+        scale_outs: list[torch.Tensor] | None = None,
+        fp8_scratch: list[Fp8Scratch] | None = None,
     ) -> int:
         """Compute one chunk into ``out_slots`` (one per output: several for a sweep whose outputs differ here), its
-        sub-blocks spread over the workers; returns the input bytes it read."""
+        sub-blocks spread over the workers; returns the input bytes it read.
+
+        A chunk of a tensor with block-scaled FP8 inputs or output (a band chunk) is computed by
+        :func:`compute_fp8_chunk` with ``fp8_scratch`` (one per worker); an FP8 output's new block scales for the
+        band go into ``scale_outs`` (per output, the band's rows of the scale grid)."""
+        if t.band_rows:
+            if fp8_scratch is None:
+                raise StreamMergeError(f"internal error: FP8 tensor {t.name!r} without FP8 scratch buffers")
+            return compute_fp8_chunk(t, item, ckpts, out_slots, scale_outs or [], fp8_scratch, opts, stats, pool)
         a, b = item.start, item.stop
         n = b - a
         outs = [slot[: n * itemsize(t.dtype)].view(OUT_DTYPES[t.dtype]) for slot in out_slots]
@@ -348,6 +410,166 @@ def _count_nonfinite(
     for x in inputs:
         bad &= torch.isfinite(x)
     record_nonfinite(t, int(bad.sum()), strict, stats, output)
+
+
+def _bytes_of(t: torch.Tensor):
+    """A contiguous tensor's bytes as a numpy uint8 array (no copy)."""
+    return t.view(torch.uint8).numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().view("uint8")
+
+
+def compute_fp8_chunk(
+    t: OutTensor,
+    item: WorkItem,
+    ckpts,
+    out_slots: list[torch.Tensor],
+    scale_outs: list[torch.Tensor],
+    scratch: list[Fp8Scratch],
+    opts,
+    stats: EngineStats,
+    pool=None,
+) -> int:
+    """One band chunk of a tensor with block-scaled FP8 inputs or output (docs/numerics.md, "Block-scaled FP8").
+
+    The chunk's rows are cut into sub-blocks of whole block columns (``plan.fp8_sub_block``), spread over the
+    workers. Per sub-block every input is dequantized to float32 (``x32 = decode(q) * s32``; plain inputs are
+    widened), the float32 contract gives r per output, and r is requantized on the target's grid (FP8 output, codes
+    into ``out_slots[k]``, scales into ``scale_outs[k]``) or rounded once (plain output). Returns the input bytes
+    read (codes, values and the scale rows of the band)."""
+    cols = t.shape[1]
+    row0, row1 = item.start // cols, item.stop // cols
+    rows = row1 - row0
+    if rows == 0 or cols == 0:
+        return 0
+    convert = item.op is Op.CONVERT
+    ins = t.inputs(item.op)
+    base = convert or t.base
+    read = 0
+    views: list[tuple[torch.Tensor, tuple | None]] = []  # per input: [rows, cols] view, (scales, block, grid row 0)
+    for role, ref in ins:
+        scale = t.scales.get(role)
+        ck = ckpts[role]
+        isz = itemsize(ref.dtype)
+        dtype = torch.uint8 if scale is not None else OUT_DTYPES[ref.dtype]
+        view = ck.view(ref, row0 * cols * isz, row1 * cols * isz, dtype).view(rows, cols)
+        read += rows * cols * isz
+        extra = None
+        if scale is not None:
+            br, bc = scale.block
+            g0, g1 = row0 // br, -(-row1 // br)
+            gcols = scale.ref.shape[1]
+            s_isz = itemsize(scale.ref.dtype)
+            sv = ck.view(scale.ref, g0 * gcols * s_isz, g1 * gcols * s_isz, OUT_DTYPES[scale.ref.dtype])
+            extra = (sv.view(g1 - g0, gcols), scale.block, g0, ref.dtype)
+            read += (g1 - g0) * gcols * s_isz
+        views.append((view, extra))
+    tv = views[0] if base else None
+    rest = views[1:] if base else views
+    pairs = []  # (plus, minus) per vector
+    for term in () if convert else t.terms:
+        plus = rest.pop(0)
+        pairs.append((plus, rest.pop(0) if term.minus_ref is not None else None))
+    n_out = len(out_slots)
+    alphas = [[torch.tensor(x, dtype=torch.float32) for x in t.alphas_for(k)] for k in range(n_out)]
+    out_views = [
+        slot[: rows * cols].view(rows, cols)
+        if t.fp8_out
+        else slot[: rows * cols * itemsize(t.dtype)].view(OUT_DTYPES[t.dtype]).view(rows, cols)
+        for slot in out_slots
+    ]
+    sub_rows, sub_cols = fp8_sub_block(t)
+    blocks = [
+        (r0, min(rows, r0 + sub_rows), c0, min(cols, c0 + sub_cols))
+        for r0 in range(0, rows, sub_rows)
+        for c0 in range(0, cols, sub_cols)
+    ]
+
+    def load(src, buf: torch.Tensor, codes: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> tuple:
+        """Input ``src``'s sub-block as float32 in ``buf`` (FP8: its codes kept in ``codes``); returns the float32
+        [h, w] view, and for FP8 the codes and scales (contiguous) that were used."""
+        view, extra = src
+        h, w = r1 - r0, c1 - c0
+        x = buf[: h * w].view(h, w)
+        if extra is None:
+            x.copy_(view[r0:r1, c0:c1])  # exact widening
+            return x, None, None
+        sv, (br, bc), g0, fmt = extra
+        q = codes[: h * w].view(h, w)
+        q.copy_(view[r0:r1, c0:c1])
+        # absolute grid rows of this sub-block, minus the band's first one; its rows and columns start on blocks
+        gr0, gr1 = (row0 + r0) // br - g0, -(-(row0 + r1) // br) - g0
+        s = sv[gr0:gr1, c0 // bc : -(-c1 // bc)].contiguous()
+        dequantize_fp8(q, s, (br, bc), fmt, out=x)
+        return x, q, s
+
+    def work(k: int) -> None:
+        sc = scratch[k % len(scratch)]
+        for r0, r1, c0, c1 in blocks[k :: len(scratch)]:
+            h, w = r1 - r0, c1 - c0
+            n = h * w
+            t32 = tq = ts = None
+            if tv is not None:
+                t32, tq, ts = load(tv, sc.t32, sc.t_codes, r0, r1, c0, c1)
+            fin = sc.finite[:n].view(h, w) if opts.check_finite else None
+            if fin is not None:
+                fin.copy_(torch.isfinite(t32)) if t32 is not None else fin.fill_(True)
+            r = sc.r32[:n].view(h, w)
+            one = len(pairs) == 1
+            d = None
+            if one:  # d = g32 - s32, once for every output of a sweep
+                d = _difference(load, pairs[0], sc, r0, r1, c0, c1, fin)
+            for k_out in range(n_out):
+                if one:
+                    torch.mul(d, alphas[k_out][0], out=r)  # m = a32 * d, rounded on its own
+                    if t32 is not None:
+                        r.add_(t32)  # m + t32: IEEE addition is commutative (t32 + m's bits)
+                elif convert:
+                    r.copy_(t32)
+                else:
+                    r.copy_(t32)
+                    for pair, a in zip(pairs, alphas[k_out]):
+                        m = _difference(load, pair, sc, r0, r1, c0, c1, fin if k_out == 0 else None)
+                        m.mul_(a)
+                        r.add_(m)  # left to right: ((t + m1) + m2) + ...
+                dst = out_views[k_out][r0:r1, c0:c1]
+                if t.fp8_out:
+                    br, bc = t.block
+                    q_out = sc.out_codes[:n].view(h, w)
+                    gr0, gr1 = r0 // br, -(-r1 // br)
+                    gc0, gc1 = c0 // bc, -(-c1 // bc)
+                    s_out = scale_outs[k_out][gr0:gr1, gc0:gc1] if scale_outs else None
+                    q_out, s_new = requantize_fp8(r, tq, ts, t.block, out_q=q_out)
+                    dst.copy_(q_out)
+                    if s_out is not None:
+                        s_out.copy_(s_new)
+                    result = r  # FP8 has no infinity: an overflow is a non-finite r, saturated to +-448
+                else:
+                    result = round_from_f32(r.reshape(-1), t.dtype).view(h, w)
+                    dst.copy_(result)
+                if fin is not None:
+                    bad = (~torch.isfinite(result)).logical_and_(fin)
+                    record_nonfinite(t, int(bad.sum()), opts.strict, stats, k_out if n_out > 1 else None)
+
+    if pool is None or len(blocks) <= 1:
+        work(0)
+    else:
+        for f in [pool.submit(work, k) for k in range(min(len(blocks), len(scratch)))]:
+            f.result()
+    return read
+
+
+def _difference(load, pair, sc: Fp8Scratch, r0: int, r1: int, c0: int, c1: int, fin) -> torch.Tensor:
+    """``p32 - m32`` of one vector's sub-block in ``sc.p32`` (``p32`` alone for a stored vector), as float32; the
+    inputs' finiteness is and-ed into ``fin`` when given."""
+    plus, minus = pair
+    p, _, _ = load(plus, sc.p32, sc.codes, r0, r1, c0, c1)
+    if fin is not None:
+        fin.logical_and_(torch.isfinite(p))
+    if minus is not None:
+        m, _, _ = load(minus, sc.m32, sc.codes, r0, r1, c0, c1)
+        if fin is not None:
+            fin.logical_and_(torch.isfinite(m))
+        p.sub_(m)  # g32 - s32
+    return p
 
 
 def _typed_view(ck: Checkpoint, ref: TensorRef, a: int, b: int) -> torch.Tensor:

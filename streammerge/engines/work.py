@@ -45,6 +45,13 @@ def _ranges(total: int, step: int) -> Iterator[tuple[int, int]]:
 
 
 def _tensor_items(t: OutTensor, elems: int, chunk_bytes: int) -> Iterator[WorkItem]:
+    if t.op is Op.SCALE:
+        return  # an FP8 weight's new scales: written with the weight's last band (no work of their own)
+    if t.band_rows and t.nbytes:
+        # block-scaled FP8: whole bands of block rows (a block's amax needs all its rows), all columns
+        cols = t.shape[1]
+        yield from (WorkItem(t, a * cols, b * cols) for a, b in _ranges(t.shape[0], t.band_rows))
+        return
     if t.op is Op.COPY:
         yield from (WorkItem(t, a, b) for a, b in _ranges(t.nbytes, chunk_bytes))
     elif t.op is Op.CONVERT:
@@ -97,12 +104,13 @@ def work_bytes(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -
 
 
 def work_tensors(plan: MergePlan, skip: set[int] | frozenset[int] = frozenset()) -> int:
-    """Tensors in the files not in ``skip`` (what progress counts towards)."""
-    return sum(len(f.tensors) for i, f in enumerate(plan.files) if i not in skip)
+    """Tensors with work of their own in the files not in ``skip`` (what progress counts towards; an FP8 weight's
+    new scales are done with it)."""
+    return sum(sum(1 for t in f.tensors if t.op is not Op.SCALE) for i, f in enumerate(plan.files) if i not in skip)
 
 
 def out_bytes(t: OutTensor, item: WorkItem) -> int:
-    """Output bytes of one chunk of ``t``."""
+    """Output bytes of one chunk of ``t`` (an FP8 output's codes; its scales are :func:`scale_rows`')."""
     if item.op is Op.COPY:
         return item.stop - item.start
     return (item.stop - item.start) * itemsize(t.dtype)
@@ -113,6 +121,13 @@ def out_offset(t: OutTensor, item: WorkItem) -> int:
     return item.start if item.op is Op.COPY else item.start * itemsize(t.dtype)
 
 
+def scale_rows(t: OutTensor, item: WorkItem) -> tuple[int, int]:
+    """The rows of the output's block-scale grid one band chunk of FP8 output ``t`` computes (elements: a chunk's
+    scales are the ``[rows, grid cols]`` slice of the ``scale_out`` tensor)."""
+    cols, br = t.shape[1], t.block[0] if t.block else 1
+    return item.start // cols // br, -(-(item.stop // cols) // br)
+
+
 def finish_chunk(plan: MergePlan, writer: Sink, stats: EngineStats, item: WorkItem) -> int:
     """After a chunk is written: the crash-injection point, the chunk count, and the file's finish (sync, rename,
     checksum) when it was the file's last chunk. Returns the output bytes the chunk accounts for (header included)."""
@@ -120,6 +135,8 @@ def finish_chunk(plan: MergePlan, writer: Sink, stats: EngineStats, item: WorkIt
     stats.chunks_written += 1
     t = item.tensor
     written = out_bytes(t, item) if t is not None else 0
+    if t is not None and t.scale_out is not None and t.op is Op.MERGE and item.last_of_tensor:
+        written += t.scale_out.nbytes  # the new block scales, written with the weight's last band
     if item.last_of_file:
         fi = t.file if t is not None else _file_of(plan)
         writer.finish_file(fi)
