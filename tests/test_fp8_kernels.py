@@ -3,8 +3,9 @@
 Where CUDA is available the kernels are compiled and run on the GPU; elsewhere they run on CPU tensors under
 ``TRITON_INTERPRET=1``, set here before ``streammerge.kernels.triton_fp8`` is first imported (the module is reloaded
 if something imported it earlier without the interpreter), as tests/test_triton_kernel.py does. Outputs are compared
-bit for bit with ``tests/fp8_reference.py`` (numpy, no streammerge code), under the lead's decisions for issue 12:
-every NaN code is 0x7F, and the "scale 1.0" rule applies to the *stored* scale (a BF16 underflow stores 1.0, not 0).
+bit for bit with ``tests/fp8_reference.py`` (numpy, no streammerge code), under the lead's decisions for issue 12
+(every NaN code is 0x7F, and the "scale 1.0" rule applies to the *stored* scale: a BF16 underflow stores 1.0, not
+0), and with the CPU engine's torch functions in ``streammerge.kernels.reference``.
 The compiled-PTX test needs no GPU: it compiles for sm_90 and reads the PTX.
 """
 
@@ -30,6 +31,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 # tests/ has no __init__.py: pytest's default 'prepend' import mode puts it on sys.path.
 import fp8_reference as ref  # noqa: E402
 
+from streammerge.kernels import reference as torch_ref  # noqa: E402
 from streammerge.kernels import triton_fp8 as tf  # noqa: E402
 
 if not CUDA and not tf.INTERPRETED:
@@ -134,32 +136,15 @@ def expected_dequantize(codes, scale_bits, block, scale_dtype, fmt) -> np.ndarra
 
 
 def expected_requantize(r: np.ndarray, target: ref.Fp8Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """fp8_reference.requantize with the lead's rule on the stored scale: ``s = f32(amax / 448)``, stored in the scale
-    dtype (RNE), and 1.0 where the *stored* value is 0 (fp8_reference.new_scales applies it before storing, which
-    lets a BF16 scale underflow to 0). Everywhere else it is fp8_reference.requantize itself, checked here."""
-    block, sd = target.block, target.scale_dtype
-    t32 = ref.to_f32(target)
-    keep = ref.unchanged_blocks(r, t32, block)
-    amax = ref.block_amax(r, block)
-    with np.errstate(all="ignore"):
-        s = (amax / np.float32(ref.E4M3_MAX)).astype(np.float32)
-    stored = ref.store_scale(s, sd)
-    underflow = ref.widen_scale(stored, sd) == 0
-    stored[underflow] = ref.store_scale(np.ones(1, dtype=np.float32), sd)[0]
-    divisor = ref.expand(ref.widen_scale(stored, sd), r.shape, block)
-    with np.errstate(all="ignore"):
-        codes = ref.encode_e4m3((r / divisor).astype(np.float32))
-    codes = np.where(ref.expand(keep, r.shape, block), target.codes, codes).astype(np.uint8)
-    scales = np.where(keep, target.scale_bits, stored).astype(target.scale_bits.dtype)
-    # Where the two readings of the rule agree (no block whose s is nonzero but stores 0), the reference's own
-    # requantize gives these bytes.
-    differs = underflow & (s != 0) & ~keep
-    legacy = ref.requantize(r, target)
-    same = ~ref.expand(differs, r.shape, block)
-    assert np.array_equal(legacy.codes[same], codes[same]) and np.array_equal(
-        legacy.scale_bits[~differs], scales[~differs]
-    )
-    return codes, scales
+    """fp8_reference.requantize: codes and scale bits (the "scale 1.0" rule on the stored scale)."""
+    out = ref.requantize(r, target)
+    return out.codes, out.scale_bits
+
+
+def _canonical_nan(bits: np.ndarray) -> np.ndarray:
+    bits = bits.copy()
+    bits[(bits & 0x7FFFFFFF) > 0x7F800000] = F32_NAN
+    return bits
 
 
 def check_dequantize(codes, scale_bits, block, scale_dtype, fmt, label: str = "") -> None:
@@ -167,7 +152,11 @@ def check_dequantize(codes, scale_bits, block, scale_dtype, fmt, label: str = ""
     assert got.dtype == torch.float32 and tuple(got.shape) == codes.shape and got.device.type == DEVICE
     want = expected_dequantize(codes, scale_bits, block, scale_dtype, fmt)
     what = f"dequantize {fmt} scale={scale_dtype} shape={codes.shape} block={block} {label}"
-    assert_bits_equal(bits_of_f32(got), want, what, {"q": codes, "scale": (scale_bits, block)})
+    inputs = {"q": codes, "scale": (scale_bits, block)}
+    assert_bits_equal(bits_of_f32(got), want, what, inputs)
+    # The CPU engine's torch function, NaN bits aside (its NaNs keep x86's payloads; no output depends on them).
+    cpu = torch_ref.dequantize_fp8(codes_tensor(codes).cpu(), scale_tensor(scale_bits, scale_dtype).cpu(), block, fmt)
+    assert_bits_equal(bits_of_f32(got), _canonical_nan(bits_of_f32(cpu)), f"{what} vs the torch function", inputs)
 
 
 def check_requantize(r: np.ndarray, target: ref.Fp8Tensor, label: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -184,6 +173,11 @@ def check_requantize(r: np.ndarray, target: ref.Fp8Tensor, label: str = "") -> t
     assert_bits_equal(
         bits_of_codes(got_q), want_q, f"{what}: codes", {"r": r_bits, "t_q": target.codes, "t_scale": t_bits}
     )
+    cpu_q, cpu_s = torch_ref.requantize_fp8(
+        torch.from_numpy(r.copy()), codes_tensor(target.codes).cpu(), scale_tensor(target.scale_bits, sd).cpu(), block
+    )
+    assert_bits_equal(bits_of_codes(got_q), bits_of_codes(cpu_q), f"{what}: codes vs the torch function", {"r": r_bits})
+    assert_bits_equal(bits_of_scale(got_s, sd), bits_of_scale(cpu_s, sd), f"{what}: scales vs the torch function", {})
     return want_q, want_s
 
 
