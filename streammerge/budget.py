@@ -94,12 +94,22 @@ def device_memory_bytes(
     check_finite: bool = False,
     inputs: int = 3,
     outputs: int = 1,
+    fp8_inputs: int = 0,
+    fp8_out: bool = False,
+    fp8_scale_bytes: int = 0,
 ) -> int:
     """GPU memory the engine allocates: ``slots`` x (``inputs`` + ``outputs``) x chunk, independent of the model (the
     three-way merge: 3 inputs, 1 output; a sweep: one output per alpha; several vectors: 1 + 2 per vector inputs plus a
     float32 accumulator), plus, with ``check_finite``, the non-finite count's temporaries: bool masks of one chunk's
-    elements."""
+    elements.
+
+    Block-scaled FP8 (``fp8_inputs``: the most FP8 inputs of one band chunk; ``fp8_out``: some output is FP8;
+    ``fp8_scale_bytes``: the largest scale rows of one band, ``plan.fp8_device_buffers``) adds per slot a float32
+    chunk and a band's scale rows per FP8 input (the codes stay in the input slot, dequantized beside it), and for an
+    FP8 output a float32 chunk for r and a band's new scale rows per output. Still bounded by the chunk: a band's
+    float32 fits one chunk, and its scale rows are at most that."""
     slot = max(4, chunk_bytes // 4 * 4)
     acc = 1 if inputs > 3 else 0
     extra = 3 * (slot // 4) + 64 * outputs if check_finite else 0
-    return slots * (inputs + outputs + acc) * slot + extra
+    fp8 = fp8_inputs * (slot + fp8_scale_bytes) + ((slot + outputs * fp8_scale_bytes) if fp8_out else 0)
+    return slots * ((inputs + outputs + acc) * slot + fp8) + extra

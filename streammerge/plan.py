@@ -234,6 +234,26 @@ def fp8_sub_block(t: OutTensor) -> tuple[int, int]:
     return gr, min(cols, gc * max(1, FP8_SUB_BLOCK_ELEMS // (gr * gc)))
 
 
+def fp8_device_buffers(tensors: list[OutTensor]) -> tuple[int, bool, int]:
+    """What the CUDA engine's FP8 path holds per device slot beside its plain buffers (budget.device_memory_bytes):
+    the most FP8 inputs of one band chunk (each dequantized to a float32 band, with its scale rows), whether some
+    output is FP8 (a float32 r, and a band's new scale rows per output), and the largest scale rows of one band in
+    bytes, of any input or output."""
+    inputs, out, scale_bytes = 0, False, 0
+    for t in tensors:
+        if not t.band_rows:
+            continue
+        rows = min(t.band_rows, t.shape[0])
+        grids = [(s.block[0], s.ref.shape[1], s.ref.dtype) for s in t.scales.values()]
+        if t.fp8_out and t.scale_out is not None and t.block is not None:
+            out = True
+            grids.append((t.block[0], t.scale_out.shape[1], t.scale_out.dtype))
+        inputs = max(inputs, len(t.scales))
+        for br, cols, dtype in grids:
+            scale_bytes = max(scale_bytes, -(-rows // br) * cols * DTYPE_BITS[dtype] // 8)
+    return inputs, out, scale_bytes
+
+
 @dataclass(frozen=True)
 class Term:
     """One vector of a merge, ``alphas[k] * (plus - minus)`` for output ``k``.
@@ -458,8 +478,16 @@ class MergePlan:
         """Device buffers the CUDA engine allocates (slots x (inputs + outputs) x chunk, plus fixed extras)."""
         o = self.options
         inputs = max([len(t.inputs()) for t in self.tensors if t.op is Op.MERGE] or [3])
+        fp8_inputs, fp8_out, scale_bytes = fp8_device_buffers(self.tensors)
         return device_memory_bytes(
-            o.chunk_bytes, o.gpu_slots or DEFAULT_DEVICE_SLOTS, o.check_finite, inputs=inputs, outputs=self.outputs
+            o.chunk_bytes,
+            o.gpu_slots or DEFAULT_DEVICE_SLOTS,
+            o.check_finite,
+            inputs=inputs,
+            outputs=self.outputs,
+            fp8_inputs=fp8_inputs,
+            fp8_out=fp8_out,
+            fp8_scale_bytes=scale_bytes,
         )
 
     def fp8_summary(self) -> dict:

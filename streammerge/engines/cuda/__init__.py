@@ -26,6 +26,13 @@ CUDA error it left behind is cleared (it would otherwise surface in the next ker
 reported in the notes, and every later window is only read ahead (``MADV_WILLNEED``) while its chunks go through
 pinned staging slots filled by a small pool of host threads. ``register_windows=False`` takes that path from the start.
 
+Block-scaled FP8 (docs/numerics.md): a chunk of an FP8 tensor is a band of whole block rows. Its loads are each
+input's codes or values and, after them, each FP8 input's scale rows for the band (:func:`.schedule.chunk_loads`,
+windows and staging as for any input); on the compute stream every FP8 input is dequantized into a float32 buffer
+of the slot, the merge kernel computes r in float32 (or the output dtype directly for a dequantized output), and
+the requantize kernel writes the codes and the band's new scale rows, which follow the codes in the pinned slot. The
+writer thread collects a weight's scale rows and writes them right after its last band (offset order).
+
 Chunks follow the CPU engine's work list exactly (``iter_work``: per-chunk op, per-tensor alpha, vocabulary tails
 copied or converted from the target, extract without a target term, apply without sft, several vectors chained
 through a float32 accumulator, a sweep's outputs one kernel each); COPY chunks go from the
@@ -66,12 +73,14 @@ from .schedule import (
     PAGE,
     POLL_S,
     Key,
+    Load,
     Segment,
     SlotRing,
     Source,
     Window,
     WindowPlan,
     canonical_roles,
+    chunk_loads,
     chunk_sources,
     interval_stats,
     on_gpu,
@@ -97,6 +106,7 @@ __all__ = [
     "Event",
     "GpuWork",
     "Key",
+    "Load",
     "Segment",
     "SimBackend",
     "SimEvent",
@@ -109,6 +119,7 @@ __all__ = [
     "WindowPlan",
     "WindowRunner",
     "canonical_roles",
+    "chunk_loads",
     "chunk_sources",
     "clear_cuda_error",
     "interval_stats",

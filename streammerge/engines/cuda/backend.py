@@ -75,6 +75,32 @@ class Backend(Protocol):
     def convert(self, stream: Stream, src: torch.Tensor, out_dtype: str, out: torch.Tensor) -> None:
         """Queue ``out = round(src)`` into ``out_dtype`` (the contract's final rounding)."""
 
+    def dequantize_fp8(
+        self,
+        stream: Stream,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        block: tuple[int, int],
+        fmt: str,
+        out: torch.Tensor,
+    ) -> None:
+        """Queue ``out = decode(q) * scale`` (``kernels.dequantize_fp8``): uint8 codes ``[rows, C]`` of ``fmt``,
+        their block scales, float32 ``out`` of the codes' shape."""
+
+    def requantize_fp8(
+        self,
+        stream: Stream,
+        r: torch.Tensor,
+        t_q: torch.Tensor,
+        t_scale: torch.Tensor,
+        block: tuple[int, int],
+        out_q: torch.Tensor,
+        out_scale: torch.Tensor,
+    ) -> None:
+        """Queue the e4m3fn requantization of float32 ``r`` on the target's grid (``kernels.requantize_fp8``):
+        codes into ``out_q``, block scales into ``out_scale``; blocks ``r`` leaves unchanged keep ``t_q`` and
+        ``t_scale``."""
+
     def count_nonfinite(
         self, stream: Stream, out: torch.Tensor, inputs: Sequence[torch.Tensor], dst: torch.Tensor
     ) -> None:

@@ -31,9 +31,10 @@ class CudaBackend:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.register_flags = register_flags
         self.check_pinned = check_pinned
-        from ...kernels import triton_merge  # triton is imported only when a GPU engine is made
+        from ...kernels import triton_fp8, triton_merge  # triton is imported only when a GPU engine is made
 
         self.kernels = triton_merge
+        self.fp8_kernels = triton_fp8
         self.cudart = torch.cuda.cudart()
 
     def bind_thread(self) -> None:
@@ -96,6 +97,31 @@ class CudaBackend:
     def convert(self, stream: Stream, src: torch.Tensor, out_dtype: str, out: torch.Tensor) -> None:
         with torch.cuda.stream(stream):
             self.kernels.convert_triton(src, out_dtype, out=out)
+
+    def dequantize_fp8(
+        self,
+        stream: Stream,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        block: tuple[int, int],
+        fmt: str,
+        out: torch.Tensor,
+    ) -> None:
+        with torch.cuda.stream(stream):
+            self.fp8_kernels.dequantize_fp8(q, scale, block, fmt, out=out)
+
+    def requantize_fp8(
+        self,
+        stream: Stream,
+        r: torch.Tensor,
+        t_q: torch.Tensor,
+        t_scale: torch.Tensor,
+        block: tuple[int, int],
+        out_q: torch.Tensor,
+        out_scale: torch.Tensor,
+    ) -> None:
+        with torch.cuda.stream(stream):
+            self.fp8_kernels.requantize_fp8(r, t_q, t_scale, block, out_q=out_q, out_scale=out_scale)
 
     def count_nonfinite(
         self, stream: Stream, out: torch.Tensor, inputs: Sequence[torch.Tensor], dst: torch.Tensor

@@ -27,7 +27,7 @@ from ...dtypes import itemsize
 from ...errors import EngineError, OptionsError, StreamMergeError
 from ...kernels.reference import OUT_DTYPES
 from ...memory import rss_anon
-from ...plan import MergePlan, Op, OutTensor
+from ...plan import MergePlan, Op, OutTensor, fp8_device_buffers
 from ...writer import Sink
 from ..stats import EngineStats, Progress, ProgressCounter
 from ..work import (
@@ -48,10 +48,12 @@ from .schedule import (
     PAGE,
     POLL_S,
     Key,
+    Load,
     Segment,
     SlotRing,
     WindowPlan,
     canonical_roles,
+    chunk_loads,
     chunk_sources,
     interval_stats,
     on_gpu,
@@ -189,6 +191,9 @@ class GpuWork:
         maps / bases (`dict[Key, ...]`): each file key's read-only mapping and its address.
         windows (`WindowPlan`): the registration windows over the GPU chunks' sources.
         inputs_max / terms_max (`int`): the most inputs, and vectors, of one GPU chunk (sizes the device slots).
+        fp8_inputs / fp8_out / scale_bytes (`int`, `bool`, `int`): block-scaled FP8 (``plan.fp8_device_buffers``):
+            the most FP8 inputs of one band chunk, whether some output is FP8, the largest scale rows of a band.
+        band_bytes (`int`): the largest band chunk in float32 (a device slot holds at least that).
     """
 
     items: list[WorkItem]
@@ -199,6 +204,10 @@ class GpuWork:
     windows: WindowPlan
     inputs_max: int
     terms_max: int
+    fp8_inputs: int = 0
+    fp8_out: bool = False
+    scale_bytes: int = 0
+    band_bytes: int = 0
 
 
 def plan_gpu_work(
@@ -227,7 +236,23 @@ def plan_gpu_work(
     windows = plan_windows(sources, {k: len(m) for k, m in maps.items()}, window_bytes, ahead_bytes)
     inputs_max = max([len(_inputs(it)) for it in gpu_items] or [1])
     terms_max = max([len(_tensor(it).terms) for it in gpu_items if it.op is Op.MERGE] or [0])
-    return GpuWork(items, gpu_items, canon, maps, bases, windows, inputs_max, terms_max)
+    # Sized over the whole plan, as plan.expected_gpu_memory counts them (files already written change nothing).
+    fp8_inputs, fp8_out, scale_bytes = fp8_device_buffers(plan.tensors)
+    bands = [min(t.band_rows, t.shape[0]) * t.shape[1] * 4 for t in plan.tensors if t.band_rows]
+    return GpuWork(
+        items,
+        gpu_items,
+        canon,
+        maps,
+        bases,
+        windows,
+        inputs_max,
+        terms_max,
+        fp8_inputs,
+        fp8_out,
+        scale_bytes,
+        max(bands or [0]),
+    )
 
 
 def _tensor(item: WorkItem) -> OutTensor:
@@ -259,17 +284,35 @@ class _Buffers:
         accumulator: bool,
         check_finite: bool,
         copy_threads: int,
+        fp8_inputs: int = 0,
+        fp8_out: bool = False,
+        scale_bytes: int = 0,
     ):
         self.be = be
         self.slots = slots
         self.slot_bytes = slot_bytes
         self.inputs = inputs
         self.copy_threads = copy_threads
-        self.dev_in = [[be.device_buffer(slot_bytes) for _ in range(inputs)] for _ in range(slots)]
+        # Per device slot, every buffer a chunk's loads land in (chunk_loads' order maps onto it, see load_slots):
+        # the inputs' elements, then the block-scale rows of FP8 inputs.
+        self.load_bytes = [slot_bytes] * inputs + [scale_bytes] * fp8_inputs
+        self.dev_loads = [[be.device_buffer(nb) for nb in self.load_bytes] for _ in range(slots)]
+        self.dev_in = [loads[:inputs] for loads in self.dev_loads]
         self.dev_out = [[be.device_buffer(slot_bytes) for _ in range(outputs)] for _ in range(slots)]  # per output
-        self.host_out = [be.host_buffer(slot_bytes) for _ in range(host_slots)]
+        # An FP8 output's pinned slot holds its band's codes, then the band's new scale rows.
+        self.host_bytes = slot_bytes + (scale_bytes if fp8_out else 0)
+        self.host_out = [be.host_buffer(self.host_bytes) for _ in range(host_slots)]
         # A float32 accumulator per device slot (several vectors).
         self.dev_acc = [be.device_buffer(slot_bytes).view(torch.float32) for _ in range(slots)] if accumulator else []
+        # Block-scaled FP8, per device slot: each FP8 input dequantized to float32; for FP8 output the float32 r and
+        # each output's new scale rows.
+        self.dev_f32 = [
+            [be.device_buffer(slot_bytes).view(torch.float32) for _ in range(fp8_inputs)] for _ in range(slots)
+        ]
+        self.dev_r = [be.device_buffer(slot_bytes).view(torch.float32) for _ in range(slots)] if fp8_out else []
+        self.dev_scale_out = (
+            [[be.device_buffer(scale_bytes) for _ in range(outputs)] for _ in range(slots)] if fp8_out else []
+        )
         self.nf_dev: list[torch.Tensor] = []
         self.nf_host: list[torch.Tensor] = []
         if check_finite:
@@ -282,18 +325,22 @@ class _Buffers:
         """The pinned staging slots (per device slot, per input) and the threads that fill them: made once, from the
         start without registration, else at the first refusal."""
         if self._staging is None or self._copy_pool is None:
-            self._staging = [
-                [self.be.host_buffer(self.slot_bytes) for _ in range(self.inputs)] for _ in range(self.slots)
-            ]
+            self._staging = [[self.be.host_buffer(nb) for nb in self.load_bytes] for _ in range(self.slots)]
             self._copy_pool = ThreadPoolExecutor(
                 self.copy_threads, thread_name_prefix="sm-stage", initializer=torch.set_num_threads, initargs=(1,)
             )
         return self._staging, self._copy_pool
 
     def staging_slot(self, k: int, r: int) -> torch.Tensor:
-        """Staging slot of device slot ``k``, input ``r`` (made by :meth:`staging`)."""
+        """Staging slot of device slot ``k``, load buffer ``r`` (made by :meth:`staging`)."""
         staging, _ = self.staging()
         return staging[k][r]
+
+    def load_slots(self, loads: list[Load]) -> list[int]:
+        """The load buffer (index into ``dev_loads[k]`` and the staging slots) of each of a chunk's loads: its
+        inputs first, in order, then its FP8 inputs' scale rows after every input buffer."""
+        n_ins = sum(1 for ld in loads if not ld.scale)
+        return list(range(n_ins)) + [self.inputs + j for j in range(len(loads) - n_ins)]
 
     def shutdown(self) -> None:
         """Stop the staging copy threads (after the last chunk, or a failure)."""
@@ -330,6 +377,10 @@ class _Job:
     gpu_index: int = -1
     view: torch.Tensor | None = None
     count_nonfinite: bool = False
+    # An FP8 output's band: its new scale rows follow the codes in each pinned slot (``scale_bytes`` of them), and
+    # belong at ``scale_at`` bytes into the weight's scale tensor.
+    scale_bytes: int = 0
+    scale_at: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- the writer thread
@@ -344,6 +395,9 @@ class _WriterThread:
         # the GIL): on the way to disk the writer thread is the critical path, and hashing ~2 GB/s on one core is as
         # slow as the page-cache copy. Every sink declares ``digest`` (the Sink protocol, writer.py).
         self.hasher = ThreadPoolExecutor(1, thread_name_prefix="sm-digest")
+        # An FP8 output's new block scales, per output: filled band by band, written after the weight's last band
+        # (the scales follow their weight in the file, and every sink hashes in offset order).
+        self.scales: list[torch.Tensor] = []
         self.thread = threading.Thread(target=self._loop, name="sm-writer", daemon=True)
 
     def put(self, job: _Job) -> None:
@@ -419,13 +473,25 @@ class _WriterThread:
     def _write_slots(self, job: _Job, t: OutTensor) -> None:
         run, item = self.run, job.item
         many = len(job.slots) > 1
+        n_b = out_bytes(t, item)
+        if job.scale_bytes and item.start == 0:
+            assert t.scale_out is not None
+            self.scales = [torch.empty(t.scale_out.nbytes, dtype=torch.uint8) for _ in job.slots]
         for j, p in enumerate(job.slots):
-            data = run.buf.host_out[p][: out_bytes(t, item)]
+            if job.scale_bytes:
+                new = run.buf.host_out[p][n_b : n_b + job.scale_bytes]
+                self.scales[j][job.scale_at : job.scale_at + job.scale_bytes].copy_(new)
+            data = run.buf.host_out[p][:n_b]
             self._write(t.file, t.offset + out_offset(t, item), data.numpy(), j if many else None)
             del data
             if j < len(job.slots) - 1:
                 run.ring.release(p)  # written: back to the issuing thread at once
                 job.slots[j] = -1
+        if job.scale_bytes and item.last_of_tensor:
+            assert t.scale_out is not None
+            for j, scales in enumerate(self.scales):
+                self._write(t.file, t.scale_out.offset, scales.numpy(), j if many else None)
+            self.scales = []
 
     def _write_view(self, job: _Job, t: OutTensor) -> None:
         run, item = self.run, job.item
@@ -479,6 +545,9 @@ class _Run:
         self.host_slots = engine.host_slots if n_out == 1 else max(engine.host_slots, 2 * n_out + 1)
         self.work = work = plan_gpu_work(eplan, ckpts, skip, engine.window_bytes, engine.register_ahead_bytes)
         self.bound_bytes, self.bound_count = work.windows.live(self.host_slots)
+        # A band chunk of an FP8 tensor is whole block rows: its float32 fits the plan's chunk, not necessarily an
+        # engine chunk chosen smaller.
+        self.slot_bytes = max(self.slot_bytes, work.band_bytes)
 
         self.timers: collections.defaultdict[str, float] = collections.defaultdict(float)
         self.failure = FirstFailure()
@@ -506,6 +575,9 @@ class _Run:
             accumulator=work.terms_max > 1,
             check_finite=opts.check_finite,
             copy_threads=engine.copy_threads,
+            fp8_inputs=work.fp8_inputs,
+            fp8_out=work.fp8_out,
+            scale_bytes=work.scale_bytes,
         )
         if not engine.register_windows:
             self.buf.staging()
@@ -559,17 +631,23 @@ class _Run:
         t_issue = time.perf_counter()
         self.runner.advance(g)
         k = g % self.slots
-        ins = _inputs(item)
+        loads = chunk_loads(item)
+        bufs = self.buf.load_slots(loads)
         segs = self.work.windows.segments[g]
-        nbytes = [(item.stop - item.start) * itemsize(ref.dtype) for _, ref in ins]
         direct, t_wait = self._wait_windows(segs)
         if not all(direct):
-            t_wait += self._stage(k, ins, segs, direct)
-        self._copy_in(g, k, ins, segs, direct, nbytes)
-        out_views, count = self._compute(g, k, item, ins, nbytes)
-        ps, dt = self._copy_out(g, k, out_views, count)
+            t_wait += self._stage(k, loads, bufs, segs, direct)
+        self._copy_in(g, k, loads, bufs, segs, direct)
+        out_views, count, scale_bytes = self._compute(g, k, item, loads, bufs)
+        ps, dt = self._copy_out(g, k, out_views, count, scale_bytes)
         t_wait += dt
-        self.writer_thread.put(_Job("slot", item, sum(nbytes), slots=ps, gpu_index=g, count_nonfinite=count))
+        job = _Job("slot", item, sum(ld.nbytes for ld in loads), slots=ps, gpu_index=g, count_nonfinite=count)
+        if scale_bytes:
+            t = _tensor(item)
+            assert t.block is not None and t.scale_out is not None  # an FP8 output
+            job.scale_bytes = scale_bytes
+            job.scale_at = item.start // t.shape[1] // t.block[0] * (t.scale_out.nbytes // t.scale_out.shape[0])
+        self.writer_thread.put(job)
         self.timers["issue"] += time.perf_counter() - t_issue - t_wait
 
     def _wait_windows(self, segs: list[list[Segment]]) -> tuple[list[bool], float]:
@@ -586,23 +664,25 @@ class _Run:
     def _segment_view(self, role: str, ref: TensorRef, seg: Segment) -> torch.Tensor:
         return _checkpoint(self.ckpts, role).view(ref, seg.start - ref.offset, seg.stop - ref.offset)
 
-    def _stage(self, k: int, ins: list[tuple[str, TensorRef]], segs: list[list[Segment]], direct: list[bool]) -> float:
-        """Copy the inputs that are not in registered windows into device slot ``k``'s pinned staging slots, with
+    def _stage(
+        self, k: int, loads: list[Load], bufs: list[int], segs: list[list[Segment]], direct: list[bool]
+    ) -> float:
+        """Copy the loads that are not in registered windows into device slot ``k``'s pinned staging slots, with
         parallel host copies, once the previous H2D out of them is done; returns the seconds it took."""
         staging, pool = self.buf.staging()
         t0 = time.perf_counter()
         self.be.sync_event(self.streams.in_done[k])  # the previous H2D out of these staging slots has completed
         t1 = time.perf_counter()
         pieces = []
-        for r, (role, ref) in enumerate(ins):
+        for r, ld in enumerate(loads):
             if direct[r]:
                 continue
             for sg in segs[r]:
-                src = self._segment_view(role, ref, sg)
+                src = self._segment_view(ld.role, ld.ref, sg)
                 step = max(STAGING_PIECE_MIN, -(-src.numel() // self.engine.copy_threads))
                 for a in range(0, src.numel(), step):
                     b = min(src.numel(), a + step)
-                    pieces.append((staging[k][r][sg.dst + a : sg.dst + b], src[a:b]))
+                    pieces.append((staging[k][bufs[r]][sg.dst + a : sg.dst + b], src[a:b]))
         list(pool.map(lambda p: p[0].copy_(p[1]), pieces))
         self.timers["wait_staging"] += t1 - t0
         self.timers["pack"] += time.perf_counter() - t1
@@ -612,35 +692,36 @@ class _Run:
         self,
         g: int,
         k: int,
-        ins: list[tuple[str, TensorRef]],
+        loads: list[Load],
+        bufs: list[int],
         segs: list[list[Segment]],
         direct: list[bool],
-        nbytes: list[int],
     ) -> None:
         """H2D on the copy-in stream, once the kernel that last read this device slot is done."""
         be, st, buf = self.be, self.streams, self.buf
         be.wait(st.s_in, st.comp_done[k])
         if self.engine.profile:
             be.record(st.s_in, st.prof[g][0])
-        for r, (role, ref) in enumerate(ins):
+        for r, ld in enumerate(loads):
+            dev = buf.dev_loads[k][bufs[r]]
             if direct[r]:
                 for sg in segs[r]:
-                    dst = buf.dev_in[k][r][sg.dst : sg.dst + (sg.stop - sg.start)]
-                    be.h2d(st.s_in, dst, self._segment_view(role, ref, sg))
+                    src = self._segment_view(ld.role, ld.ref, sg)
+                    be.h2d(st.s_in, dev[sg.dst : sg.dst + (sg.stop - sg.start)], src)
                 self.n_direct += 1
             else:
-                be.h2d(st.s_in, buf.dev_in[k][r][: nbytes[r]], buf.staging_slot(k, r)[: nbytes[r]])
+                be.h2d(st.s_in, dev[: ld.nbytes], buf.staging_slot(k, bufs[r])[: ld.nbytes])
                 self.n_staged += 1
         if self.engine.profile:
             be.record(st.s_in, st.prof[g][1])
         be.record(st.s_in, st.in_done[k])
 
     def _compute(
-        self, g: int, k: int, item: WorkItem, ins: list[tuple[str, TensorRef]], nbytes: list[int]
-    ) -> tuple[list[torch.Tensor], bool]:
+        self, g: int, k: int, item: WorkItem, loads: list[Load], bufs: list[int]
+    ) -> tuple[list[torch.Tensor], bool, int]:
         """The kernels on the compute stream, once the chunk's inputs are in and the D2H that last read this output
-        slot is done; returns the output views (one per output that differs) and whether non-finite counts come
-        with them."""
+        slot is done; returns the output views (one per output that differs), whether non-finite counts come with
+        them, and the bytes of new block-scale rows in each output's scale buffer (an FP8 output; else 0)."""
         be, st, buf = self.be, self.streams, self.buf
         t = _tensor(item)
         n = item.stop - item.start
@@ -648,24 +729,101 @@ class _Run:
         be.wait(st.s_comp, st.d2h_done[k])
         if self.engine.profile:
             be.record(st.s_comp, st.prof[g][2])
-        views = [buf.dev_in[k][r][: nbytes[r]].view(OUT_DTYPES[ref.dtype]) for r, (_, ref) in enumerate(ins)]
-        out_b = n * itemsize(t.dtype)
         n_o = self.n_out if item.op is Op.MERGE and t.outputs_differ else 1
-        out_views = [buf.dev_out[k][j][:out_b].view(OUT_DTYPES[t.dtype]) for j in range(n_o)]
-        count = self.opts.check_finite and item.op is Op.MERGE
-        if item.op is Op.MERGE:
-            self._merge(k, t, n, views, out_views, count)
+        scale_bytes = 0
+        if t.band_rows:
+            out_views, count, scale_bytes = self._compute_band(k, item, loads, bufs, n_o)
         else:
-            be.convert(st.s_comp, views[0], t.dtype, out_views[0])
+            views = [buf.dev_in[k][r][: ld.nbytes].view(OUT_DTYPES[ld.ref.dtype]) for r, ld in enumerate(loads)]
+            out_b = n * itemsize(t.dtype)
+            out_views = [buf.dev_out[k][j][:out_b].view(OUT_DTYPES[t.dtype]) for j in range(n_o)]
+            count = self.opts.check_finite and item.op is Op.MERGE
+            if item.op is Op.MERGE:
+                self._merge(k, t, n, views, out_views, t.dtype, count)
+            else:
+                be.convert(st.s_comp, views[0], t.dtype, out_views[0])
         if self.engine.profile:
             be.record(st.s_comp, st.prof[g][3])
         be.record(st.s_comp, st.comp_done[k])
-        return out_views, count
+        return out_views, count, scale_bytes
+
+    def _compute_band(
+        self, k: int, item: WorkItem, loads: list[Load], bufs: list[int], n_o: int
+    ) -> tuple[list[torch.Tensor], bool, int]:
+        """A band chunk of a block-scaled FP8 tensor (docs/numerics.md): each FP8 input dequantized to float32 on
+        the device (its codes and scale rows came with the chunk), plain inputs as they are; then the float32
+        contract, and the output rounded once (plain dtype) or r requantized on the target's grid (FP8 output:
+        codes into ``dev_out``, the band's new scale rows into ``dev_scale_out``). As ``compute_fp8_chunk`` of the
+        CPU engine, non-finite results are counted for a dequantized copy (CONVERT) too, and for an FP8 output in r.
+        """
+        be, s_comp, buf = self.be, self.streams.s_comp, self.buf
+        t = _tensor(item)
+        cols = t.shape[1]
+        n = item.stop - item.start
+        rows = n // cols
+        ins = _inputs(item)
+        views: list[torch.Tensor] = []  # per input, flat: float32 (dequantized) or its own dtype
+        target_codes: tuple[torch.Tensor, torch.Tensor] | None = None
+        fp8 = 0
+        for r, (role, ref) in enumerate(ins):
+            sc = t.scales.get(role)
+            raw = buf.dev_in[k][r]
+            if sc is None:
+                views.append(raw[: n * itemsize(ref.dtype)].view(OUT_DTYPES[ref.dtype]))
+                continue
+            ld = loads[len(ins) + fp8]
+            assert ld.scale and ld.role == role  # chunk_loads: scale rows in input order
+            q = raw[:n].view(rows, cols)
+            scale = buf.dev_loads[k][bufs[len(ins) + fp8]][: ld.nbytes].view(OUT_DTYPES[sc.ref.dtype])
+            x = buf.dev_f32[k][fp8][:n]
+            be.dequantize_fp8(s_comp, q, scale.view(-1, sc.ref.shape[1]), sc.block, ref.dtype, x.view(rows, cols))
+            if r == 0 and (item.op is Op.CONVERT or t.base):
+                target_codes = (q, scale.view(-1, sc.ref.shape[1]))
+            views.append(x)
+            fp8 += 1
+        count = self.opts.check_finite
+        if item.op is Op.CONVERT:
+            out = buf.dev_out[k][0][: n * itemsize(t.dtype)].view(OUT_DTYPES[t.dtype])
+            be.convert(s_comp, views[0], t.dtype, out)
+            if count:
+                be.count_nonfinite(s_comp, out, views, buf.nf_dev[k][0:1])
+            return [out], count, 0
+        if not t.fp8_out:
+            out_views = [buf.dev_out[k][j][: n * itemsize(t.dtype)].view(OUT_DTYPES[t.dtype]) for j in range(n_o)]
+            self._merge(k, t, n, views, out_views, t.dtype, count)
+            return out_views, count, 0
+        assert target_codes is not None and t.block is not None and t.scale_out is not None  # FP8 output: FP8 target
+        t_q, t_scale = target_codes
+        br, gcols = t.block[0], t.scale_out.shape[1]
+        grid_rows = -(-rows // br)
+        scale_bytes = grid_rows * (t.scale_out.nbytes // t.scale_out.shape[0])
+        codes = [buf.dev_out[k][j][:n] for j in range(n_o)]
+        r32 = buf.dev_r[k][:n]
+
+        def requantize(j: int) -> None:
+            new_scale = buf.dev_scale_out[k][j][:scale_bytes].view(OUT_DTYPES[t.scale_out.dtype])
+            be.requantize_fp8(
+                s_comp, r32.view(rows, cols), t_q, t_scale, t.block, codes[j].view(rows, cols),
+                new_scale.view(grid_rows, gcols),
+            )  # fmt: skip
+
+        # Every output's r in one float32 buffer, each requantized before the next one overwrites it (one stream).
+        self._merge(k, t, n, views, [r32] * n_o, "F32", count, requantize)
+        return codes, count, scale_bytes
 
     def _merge(
-        self, k: int, t: OutTensor, n: int, views: list[torch.Tensor], out_views: list[torch.Tensor], count: bool
+        self,
+        k: int,
+        t: OutTensor,
+        n: int,
+        views: list[torch.Tensor],
+        out_views: list[torch.Tensor],
+        out_dtype: str,
+        count: bool,
+        then: Callable[[int], None] | None = None,
     ) -> None:
-        """A MERGE chunk's kernels: per output, one kernel per vector."""
+        """A MERGE chunk's kernels: per output, one kernel per vector, into ``out_views[j]`` in ``out_dtype``; then
+        the non-finite count and ``then(j)`` (an FP8 output's requantization of that float32 result)."""
         be, s_comp = self.be, self.streams.s_comp
         tv = views[0] if t.base else None
         rest = list(views[1:] if t.base else views)
@@ -676,7 +834,7 @@ class _Run:
         for j, out_view in enumerate(out_views):
             alphas = t.alphas_for(j)
             if len(pairs) == 1:
-                be.merge(s_comp, tv, pairs[0][1], pairs[0][0], alphas[0], t.dtype, out_view)
+                be.merge(s_comp, tv, pairs[0][1], pairs[0][0], alphas[0], out_dtype, out_view)
             else:
                 # Several vectors: r = r + a_i * (p_i - m_i) left to right in a float32 accumulator (the kernel's
                 # float32 store keeps every bit but a NaN's payload, and a NaN stays NaN to the end), then one
@@ -685,15 +843,20 @@ class _Run:
                 prev = tv
                 for i, (pv, mv) in enumerate(pairs):
                     last = i == len(pairs) - 1
-                    dst, dt = (out_view, t.dtype) if last else (acc, "F32")
+                    dst, dt = (out_view, out_dtype) if last else (acc, "F32")
                     be.merge(s_comp, prev, mv, pv, alphas[i], dt, dst)
                     prev = acc
             if count:
                 be.count_nonfinite(s_comp, out_view, views, self.buf.nf_dev[k][j : j + 1])
+            if then is not None:
+                then(j)
 
-    def _copy_out(self, g: int, k: int, out_views: list[torch.Tensor], count: bool) -> tuple[list[int], float]:
+    def _copy_out(
+        self, g: int, k: int, out_views: list[torch.Tensor], count: bool, scale_bytes: int = 0
+    ) -> tuple[list[int], float]:
         """D2H on the copy-out stream into pinned output slots the writer has given back (one per output that
-        differs); returns the slots and the seconds spent waiting for them."""
+        differs), an FP8 output's new scale rows (``scale_bytes``) right after its codes; returns the slots and the
+        seconds spent waiting for them."""
         be, st, buf = self.be, self.streams, self.buf
         out_b = out_views[0].numel() * out_views[0].element_size()
         t0 = time.perf_counter()
@@ -705,6 +868,8 @@ class _Run:
             be.record(st.s_out, st.prof[g][4])
         for j, p in enumerate(ps):
             be.d2h(st.s_out, buf.host_out[p][:out_b], buf.dev_out[k][j][:out_b])
+            if scale_bytes:
+                be.d2h(st.s_out, buf.host_out[p][out_b : out_b + scale_bytes], buf.dev_scale_out[k][j][:scale_bytes])
             if count:
                 be.d2h(st.s_out, buf.nf_host[p], buf.nf_dev[k][j : j + 1])
         if self.engine.profile:

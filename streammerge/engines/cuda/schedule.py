@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ...budget import DEFAULT_WINDOW_BYTES
+from ...checkpoint import TensorRef
 from ...dtypes import itemsize
 from ...plan import Op
 from ..work import WorkItem
@@ -201,16 +202,57 @@ def canonical_roles(checkpoints: Mapping[str, object]) -> dict[str, str]:
     return canon
 
 
+@dataclass(frozen=True)
+class Load:
+    """Bytes ``[start, stop)`` of tensor ``ref`` (from the start of its data) that one GPU chunk copies to the
+    device for ``role``: an input's elements, or (``scale``) the rows of an FP8 input's block scales its band needs.
+    """
+
+    role: str
+    ref: TensorRef
+    start: int
+    stop: int
+    scale: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+
+def chunk_loads(item: WorkItem) -> list[Load]:
+    """What one GPU chunk copies in: each input's elements (the inputs as ``OutTensor.inputs`` lists them), then,
+    for a band chunk of a block-scaled FP8 tensor, the block-scale rows of each FP8 input in the same order (rows
+    ``[row0 // br, ceil(row1 / br))`` of its grid: a band starts on a block row of every input's grid)."""
+    t = item.tensor
+    assert t is not None  # on_gpu
+    ins = t.inputs(item.op)
+    loads = []
+    for role, ref in ins:
+        isz = itemsize(ref.dtype)
+        loads.append(Load(role, ref, item.start * isz, item.stop * isz))
+    if t.band_rows:
+        cols = t.shape[1]
+        row0, row1 = item.start // cols, item.stop // cols
+        for role, _ in ins:
+            sc = t.scales.get(role)
+            if sc is None:
+                continue
+            br = sc.block[0]
+            if row0 % br:
+                raise ValueError(f"band of {t.name!r} starts at row {row0}, inside a {br}-row block of {role}")
+            row_bytes = sc.ref.shape[1] * itemsize(sc.ref.dtype)
+            loads.append(Load(role, sc.ref, row0 // br * row_bytes, -(-row1 // br) * row_bytes, scale=True))
+    return loads
+
+
 def chunk_sources(gpu_items: Sequence[WorkItem], canon: Mapping[str, str]) -> list[list[Source]]:
-    """Per GPU chunk, the file bytes each of its inputs reads (the inputs as ``OutTensor.inputs`` lists them)."""
+    """Per GPU chunk, the file bytes each of its loads reads (:func:`chunk_loads`, in that order)."""
     sources: list[list[Source]] = []
     for item in gpu_items:
-        t = item.tensor
-        assert t is not None  # on_gpu
         srcs = []
-        for role, ref in t.inputs(item.op):
-            isz = itemsize(ref.dtype)
-            srcs.append(Source((canon[role], ref.file), ref.offset + item.start * isz, ref.offset + item.stop * isz))
+        for ld in chunk_loads(item):
+            a = ld.ref.offset + ld.start
+            srcs.append(Source((canon[ld.role], ld.ref.file), a, a + ld.nbytes))
         sources.append(srcs)
     return sources
 

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from ...kernels.reference import round_from_f32
+from ...kernels.reference import dequantize_fp8, requantize_fp8, round_from_f32
 from .schedule import PAGE
 
 # Operations one simulated stream runs in a row before another is picked.
@@ -69,8 +69,9 @@ class SimBackend:
     error on the calling thread that a kernel launch from that thread raises until :meth:`clear_error` (CUDA's
     per-thread "last error"; ``errors`` shows what was never cleared; ``clear_works=False`` makes clearing fail).
 
-    The kernels are the Triton launchers when ``streammerge.kernels.triton_merge`` runs under ``TRITON_INTERPRET=1``
-    (``kernel="auto"``), else the pure-torch reference (``kernel="reference"``).
+    The kernels are the Triton launchers when ``streammerge.kernels.triton_merge`` and ``triton_fp8`` run under
+    ``TRITON_INTERPRET=1`` (``kernel="auto"``), else the pure-torch reference (``kernel="reference"``; for FP8
+    ``kernels.reference.dequantize_fp8`` / ``requantize_fp8``).
     """
 
     name = "sim"
@@ -105,15 +106,17 @@ class SimBackend:
         self.ops_run = 0
         self.kernel = "reference"
         self._triton: ModuleType | None = None  # the Triton launchers, when they run under the interpreter
+        self._triton_fp8: ModuleType | None = None
         if kernel == "auto":
             try:
-                from ...kernels import triton_merge
+                from ...kernels import triton_fp8, triton_merge
             except ImportError:
                 pass
             else:
-                if triton_merge.INTERPRETED:
+                if triton_merge.INTERPRETED and triton_fp8.INTERPRETED:
                     self.kernel = "triton-interpreter"
                     self._triton = triton_merge
+                    self._triton_fp8 = triton_fp8
         elif kernel != "reference":
             raise ValueError(f"kernel must be 'auto' or 'reference', got {kernel!r}")
 
@@ -228,6 +231,41 @@ class SimBackend:
                 self._triton.convert_triton(src, out_dtype, out=out)
             else:
                 round_from_f32(src.to(torch.float32), out_dtype, out=out)
+
+        self._enqueue(stream, ("op", run))
+
+    def dequantize_fp8(
+        self,
+        stream: SimStream,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        block: tuple[int, int],
+        fmt: str,
+        out: torch.Tensor,
+    ) -> None:
+        self._launch_check()
+
+        def run() -> None:
+            fn = self._triton_fp8.dequantize_fp8 if self._triton_fp8 is not None else dequantize_fp8
+            fn(q, scale, block, fmt, out=out)
+
+        self._enqueue(stream, ("op", run))
+
+    def requantize_fp8(
+        self,
+        stream: SimStream,
+        r: torch.Tensor,
+        t_q: torch.Tensor,
+        t_scale: torch.Tensor,
+        block: tuple[int, int],
+        out_q: torch.Tensor,
+        out_scale: torch.Tensor,
+    ) -> None:
+        self._launch_check()
+
+        def run() -> None:
+            fn = self._triton_fp8.requantize_fp8 if self._triton_fp8 is not None else requantize_fp8
+            fn(r, t_q, t_scale, block, out_q=out_q, out_scale=out_scale)
 
         self._enqueue(stream, ("op", run))
 
