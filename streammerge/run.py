@@ -28,10 +28,10 @@ from .writer import NullWriter, OutputWriter, SweepWriter
 
 ProgressCallback = Callable[[Progress], None]
 SINKS = ("disk", "null", "null-sha256")
-# The engines (by name) that compute block-scaled FP8 tensors; another one meeting an FP8 tensor is refused rather
-# than trusted with bytes it was not built for. The CUDA engine's FP8 path adds "cuda" here when it lands.
-FP8_ENGINES = ("cpu",)
-FP8_ENGINE_MESSAGE = "FP8 tensors need the CPU engine in this version: --device cpu"
+# The engines (by name) that compute block-scaled FP8 tensors; another one meeting an FP8 tensor (one handed over
+# some other way) is refused rather than trusted with bytes it was not built for.
+FP8_ENGINES = ("cpu", "cuda")
+FP8_ENGINE_MESSAGE = "FP8 tensors need the CPU or the CUDA engine: --device cpu or cuda"
 
 
 @dataclass
@@ -193,17 +193,11 @@ def select_engine(
 ):
     """The engine for ``device`` ("auto", "cpu", "cuda") and a note saying why it was chosen. Under torchrun each
     rank takes GPU ``LOCAL_RANK``. ``fp8``: the plan computes block-scaled FP8 tensors, which only the engines in
-    :data:`FP8_ENGINES` do ("auto" then picks one of them; "cuda" outside them is an error)."""
+    :data:`FP8_ENGINES` do (both engines this function makes)."""
     if device == "cpu":
         from .engines.cpu import CpuEngine
 
         return CpuEngine(threads), "cpu (requested)"
-    if fp8 and "cuda" not in FP8_ENGINES:
-        if device == "cuda":
-            raise EngineError(FP8_ENGINE_MESSAGE)
-        from .engines.cpu import CpuEngine
-
-        return CpuEngine(threads), "cpu (auto: FP8 tensors need the CPU engine in this version)"
     cuda_ok, why = cuda_usable()
     if device == "cuda" and not cuda_ok:
         raise EngineError(f"--device cuda: {why}; use --device cpu or auto")
