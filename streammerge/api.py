@@ -14,8 +14,10 @@ from .outdir import check_output_paths, refuse_sweep_over_single
 from .parts import Part, finalize_parts
 from .plan import MergePlan, check_disk_space
 from .recipes import Planned, parse_alphas, sweep_dirname
+from .remote import default_scratch
 from .run import MergeReport, ProgressCallback, RunRequest, refuse_push_for_sweep, run, select_engine
 from .spec import load_spec
+from .stream import schedule, streamed
 
 __all__ = [
     "MergeReport",
@@ -41,6 +43,20 @@ def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
         options.validate()
         return options
     return MergeOptions.create(**kwargs)
+
+
+def _streaming(opts: MergeOptions, out, part=None) -> MergeOptions:
+    """With ``stream`` and no ``stream_dir``: the scratch folder beside ``out`` (one per process of a merge in parts
+    or under torchrun, so that no two download into one folder)."""
+    if not opts.stream or opts.stream_dir:
+        return opts
+    tag = ""
+    if isinstance(part, str) and "/" in part:
+        tag = "part-" + part.replace("/", "-of-")
+    elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("STREAMMERGE_DISTRIBUTED") != "off":
+        tag = f"rank-{os.environ.get('RANK', '0')}"
+    real = out if out is not None and str(out) != "(null sink)" else None
+    return opts.replace(stream_dir=str(default_scratch(real, tag)))
 
 
 def _explicit(**given) -> dict:
@@ -87,6 +103,9 @@ def _headers_only(job: Planned, out) -> MergePlan:
         if out is not None:
             check_output_paths(Path(out), job.inputs)
             check_disk_space(job.plan, Path(out))
+        if any(streamed(ck) is not None for ck in job.inputs.values()):
+            opts = job.plan.options
+            job.plan.stream = schedule(job.plan, job.inputs, opts.stream_disk, opts.download_workers).summary()
         return job.plan
 
 
@@ -114,7 +133,7 @@ def plan(
     Raises:
         [`StreamMergeError`]: anything the merge itself would refuse.
     """
-    opts = _options(options, kwargs)
+    opts = _streaming(_options(options, kwargs), out)
     values = parse_alphas(alphas) if alphas is not None else None
     job = recipes.trio(target, sft, grpo, opts, values, headers_only=True)
     if values is not None and out is not None:
@@ -185,7 +204,7 @@ def merge(
     started = time.perf_counter()
     if isinstance(alpha, (list, tuple)) or (isinstance(alpha, str) and "," in alpha):
         raise OptionsError("merge: alpha must be one number; for several in one pass use streammerge.sweep")
-    opts = _options(options, {**_explicit(alpha=alpha, device=device), **kwargs})
+    opts = _streaming(_options(options, {**_explicit(alpha=alpha, device=device), **kwargs}), out, part)
     job = recipes.trio(target, sft, grpo, opts)
     how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
     return _run_one(
@@ -238,7 +257,7 @@ def sweep(
     """
     started = time.perf_counter()
     values = parse_alphas(alphas)
-    opts = _options(options, {**_explicit(device=device), **kwargs})
+    opts = _streaming(_options(options, {**_explicit(device=device), **kwargs}), out, part)
     job = recipes.trio(target, sft, grpo, opts, values)
     return _run_one(
         job,
@@ -257,7 +276,7 @@ def sweep(
 def plan_combine(spec, out: str | os.PathLike | None = None, *, options: MergeOptions | None = None, **kwargs):
     """Read headers only and describe a many-vector merge (see :func:`combine`). Returns a [`MergePlan`]."""
     sp = load_spec(spec)
-    opts = recipes.spec_options(sp, options, kwargs)
+    opts = _streaming(recipes.spec_options(sp, options, kwargs), out)
     return _headers_only(recipes.combine(sp, opts, headers_only=True), out)
 
 
@@ -297,7 +316,7 @@ def combine(
     """
     started = time.perf_counter()
     sp = load_spec(spec)
-    opts = recipes.spec_options(sp, options, {**_explicit(device=device), **kwargs})
+    opts = _streaming(recipes.spec_options(sp, options, {**_explicit(device=device), **kwargs}), out, part)
     job = recipes.combine(sp, opts)
     how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
     return _run_one(job, out, opts, started, distributed=distributed, dist_timeout=dist_timeout, **how)[0]
@@ -332,7 +351,7 @@ def extract(
         ```
     """
     started = time.perf_counter()
-    opts = _options(options, {**kwargs, "out_dtype": dtype, "alpha": 1.0})
+    opts = _streaming(_options(options, {**kwargs, "out_dtype": dtype, "alpha": 1.0}), out, part)
     job = recipes.extract(sft, grpo, opts)
     return _run_one(
         job,
@@ -374,7 +393,7 @@ def apply(
     (``streammerge_formula: grpo - sft``) unless ``any_vector=True``: adding a whole model by mistake is refused.
     """
     started = time.perf_counter()
-    opts = _options(options, {**_explicit(alpha=alpha, device=device), **kwargs})
+    opts = _streaming(_options(options, {**_explicit(alpha=alpha, device=device), **kwargs}), out, part)
     job = recipes.apply(target, vector, [opts.alpha], opts, any_vector)
     how = dict(progress=progress, resume=resume, sink=sink, push_to=push_to, private=private, part=part)
     return _run_one(job, out, opts, started, distributed=distributed, dist_timeout=dist_timeout, **how)[0]
@@ -404,7 +423,7 @@ def apply_sweep(
     """
     started = time.perf_counter()
     values = parse_alphas(alphas)
-    opts = _options(options, {**_explicit(device=device), **kwargs})
+    opts = _streaming(_options(options, {**_explicit(device=device), **kwargs}), out, part)
     recipes.check_sweep_alphas(values)
     job = recipes.apply(target, vector, values, opts, any_vector)
     return _run_one(

@@ -10,6 +10,7 @@ import math
 import mmap
 import os
 import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,17 @@ class TensorSource(Protocol):
     def close(self) -> None: ...
 
 
+class FileGate(Protocol):
+    """Says when each file of a checkpoint whose files arrive later (a Hub checkpoint merged with ``--stream``) is
+    on disk and complete: :meth:`wait` returns then, and raises (a `StreamMergeError`) if it never will be."""
+
+    def wait(self, i: int) -> None: ...
+
+    def close(self) -> None:
+        """The checkpoint is closed: stop every wait and remove what was downloaded for it."""
+        ...
+
+
 class Checkpoint:
     """A safetensors checkpoint: its files, validated headers, tensors by name and read-only mmaps.
 
@@ -91,6 +103,10 @@ class Checkpoint:
         allowed_roots (`list[Path]`, *optional*): extra directories that symlinked files may resolve into (the Hub
             cache's blob store for a snapshot).
         label (`str`, *optional*): how errors refer to this checkpoint ("target", "sft", "grpo").
+        headers (`dict[str, Header]`, *optional*): every weight file's header, read elsewhere (by name relative to
+            the checkpoint directory): the files need not exist yet. With ``gate``, each is mapped once the gate says
+            it is on disk (:class:`FileGate`); :meth:`unmap` lets it go again.
+        gate (`FileGate`, *optional*): see ``headers``.
 
     Raises:
         [`CheckpointError`], [`HeaderError`]: the checkpoint cannot be resolved, or a header or index is invalid.
@@ -103,7 +119,15 @@ class Checkpoint:
         ```
     """
 
-    def __init__(self, source: str | os.PathLike, *, allowed_roots: list[Path] | None = None, label: str = ""):
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        *,
+        allowed_roots: list[Path] | None = None,
+        label: str = "",
+        headers: dict[str, Header] | None = None,
+        gate: FileGate | None = None,
+    ):
         self.source = str(source)
         self.label = label
         path = Path(source)
@@ -121,7 +145,7 @@ class Checkpoint:
             if index.exists():
                 self.index_path: Path | None = index
                 files = self._files_from_index(index)
-            elif (path / SINGLE_FILE).exists():
+            elif (path / SINGLE_FILE).exists() or headers is not None and SINGLE_FILE in headers:
                 self.index_path = None
                 files = [path / SINGLE_FILE]
             else:
@@ -149,12 +173,15 @@ class Checkpoint:
         self.tensors: dict[str, TensorRef] = {}
         owner: dict[str, Path] = {}
         for i, f in enumerate(files):
-            problem = self._not_a_file(f)
-            if problem:
-                raise CheckpointError(problem)
-            header, st = read_header_and_stat(f)
+            if headers is not None:
+                header = self._given_header(headers, f)
+            else:
+                problem = self._not_a_file(f)
+                if problem:
+                    raise CheckpointError(problem)
+                header, st = read_header_and_stat(f)
+                self.file_stats.append(st)
             self.headers.append(header)
-            self.file_stats.append(st)
             for name, info in header.tensors.items():
                 if name in owner:
                     raise CheckpointError(
@@ -169,10 +196,22 @@ class Checkpoint:
             self._check_index_agrees(owner)
         self._maps: list[mmap.mmap | None] = [None] * len(files)
         self._fds: list[int | None] = [None] * len(files)
+        self.gate = gate
+        # A gated file is mapped and unmapped while the engine's threads read: one lock per file orders the two.
+        self._locks = [threading.RLock() for _ in files] if gate is not None else None
+        # How the manifest identifies each file when its size and times say nothing (set by whoever read the
+        # headers elsewhere: a Hub file's repository, commit and SHA-256); None: from the files themselves.
+        self.remote_identity: list[dict] | None = None
 
     # ------------------------------------------------------------------ resolution helpers
     def _who(self) -> str:
         return f"{self.label} checkpoint: " if self.label else ""
+
+    def _given_header(self, headers: dict[str, Header], f: Path) -> Header:
+        name = f.relative_to(self.root).as_posix()
+        if name not in headers:
+            raise CheckpointError(f"{self._who()}{f}: no header was read for this weights file")
+        return headers[name]
 
     def _not_a_file(self, f: Path) -> str | None:
         """Why ``f`` cannot be a weights file (None when it is a regular file), without opening it."""
@@ -309,8 +348,16 @@ class Checkpoint:
         return self._map(i)
 
     def _map(self, i: int) -> mmap.mmap:
+        if self._locks is None:
+            return self._map_now(i)
+        with self._locks[i]:
+            return self._map_now(i)
+
+    def _map_now(self, i: int) -> mmap.mmap:
         m = self._maps[i]
         if m is None:
+            if self.gate is not None:
+                self.gate.wait(i)  # the file is complete on disk (or this raises)
             # O_NONBLOCK: a shard swapped for a FIFO since its header was read must not hang the open.
             fd = os.open(self.files[i], os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             try:
@@ -349,7 +396,13 @@ class Checkpoint:
             raise ValueError(f"byte range [{start}, {stop}) outside tensor {ref.name!r} of {ref.nbytes} bytes")
         if stop == start:
             return torch.empty(0, dtype=dtype)
-        m = self._map(ref.file)
+        if self._locks is None:
+            return self._view_now(ref, start, stop, dtype, torch)
+        with self._locks[ref.file]:
+            return self._view_now(ref, start, stop, dtype, torch)
+
+    def _view_now(self, ref: TensorRef, start: int, stop: int, dtype, torch):
+        m = self._map_now(ref.file)
         self._check_size(ref.file, self._fds[ref.file])  # type: ignore[arg-type]
         # Through a fresh memoryview: torch.frombuffer(m) drops its buffer export at once, so close() would unmap pages
         # a live view still points into (a segfault when read: a failed write's traceback keeps its data array). The
@@ -365,6 +418,13 @@ class Checkpoint:
     def release(self, ref: TensorRef, start: int, stop: int) -> None:
         """Drop this process's mapping of fully consumed pages in [start, stop), and their page-cache pages too
         when ``drop_cache`` is set."""
+        if self._locks is None:
+            self._release_now(ref, start, stop)
+            return
+        with self._locks[ref.file]:
+            self._release_now(ref, start, stop)
+
+    def _release_now(self, ref: TensorRef, start: int, stop: int) -> None:
         m = self._maps[ref.file]
         if m is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
@@ -380,8 +440,16 @@ class Checkpoint:
                 pass
 
     def prefetch(self, ref: TensorRef, start: int, stop: int) -> None:
-        """Ask the kernel to read [start, stop) ahead (cold cache); cheap when the pages are already cached."""
-        m = self._maps[ref.file] or self._map(ref.file)
+        """Ask the kernel to read [start, stop) ahead (cold cache); cheap when the pages are already cached. A gated
+        file that is not on disk yet is not waited for (a hint needs no answer)."""
+        if self._locks is not None:
+            with self._locks[ref.file]:
+                if self._maps[ref.file] is not None:
+                    self._prefetch_now(self._maps[ref.file], ref, start, stop)
+            return
+        self._prefetch_now(self._maps[ref.file] or self._map(ref.file), ref, start, stop)
+
+    def _prefetch_now(self, m: mmap.mmap, ref: TensorRef, start: int, stop: int) -> None:
         if not hasattr(mmap, "MADV_WILLNEED"):
             return
         page = mmap.PAGESIZE
@@ -393,18 +461,33 @@ class Checkpoint:
             except (OSError, ValueError):
                 pass
 
+    def unmap(self, i: int) -> mmap.mmap | None:
+        """Let file ``i`` go: close its descriptor and its mapping (mapped again on the next read). Returns the
+        mapping when a view still holds it (it is unmapped when the last such view is collected), else None."""
+        if self._locks is None:
+            return self._unmap_now(i)
+        with self._locks[i]:
+            return self._unmap_now(i)
+
+    def _unmap_now(self, i: int) -> mmap.mmap | None:
+        m, held = self._maps[i], None
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:
+                held = m  # a caller still holds a view; the map closes when it is collected
+            self._maps[i] = None
+        fd = self._fds[i]
+        if fd is not None:
+            os.close(fd)
+            self._fds[i] = None
+        return held
+
     def close(self) -> None:
-        for i, m in enumerate(self._maps):
-            if m is not None:
-                try:
-                    m.close()
-                except BufferError:
-                    pass  # a caller still holds a view; the map closes when it is collected
-                self._maps[i] = None
-            fd = self._fds[i]
-            if fd is not None:
-                os.close(fd)
-                self._fds[i] = None
+        for i in range(len(self._maps)):
+            self.unmap(i)
+        if self.gate is not None:
+            self.gate.close()
 
     def __enter__(self) -> Checkpoint:
         return self

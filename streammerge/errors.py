@@ -45,3 +45,8 @@ def format_name_list(names: list[str], limit: int = 20) -> str:
 
 class DistributedError(StreamMergeError):
     """A merge across processes cannot go on: ranks disagree, a rank failed, or a collective timed out."""
+
+
+class DownloadError(CheckpointError):
+    """A streamed Hub input (``--stream``) could not be downloaded, even after retries, or did not match what the
+    Hub said it holds."""

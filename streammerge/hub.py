@@ -9,8 +9,10 @@ the one place outside the snapshot directory they may resolve to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,15 @@ def resolve(spec: str, label: str = "") -> HubSource:
         raise CheckpointError(f"{spec}: not a Hub repository id (expected org/name or org/name@revision)")
     repo_id, revision = parsed
     from huggingface_hub import snapshot_download
+
+    with explained(spec, label, revision):
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    return HubSource(repo_id, revision, path, path.name)
+
+
+@contextlib.contextmanager
+def explained(spec: str, label: str = "", revision: str | None = None) -> Iterator[None]:
+    """Turn a failure of the Hub client inside the block into one `CheckpointError` saying what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -74,9 +85,10 @@ def resolve(spec: str, label: str = "") -> HubSource:
         RevisionNotFoundError,
     )
 
+    repo_id = spec.split("@", 1)[0]
     who = f"{label} checkpoint: " if label else ""
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        yield
     except GatedRepoError:
         raise CheckpointError(
             f"{who}{spec}: gated repository; accept its terms on the Hub and log in (HF_TOKEN)"
@@ -96,7 +108,6 @@ def resolve(spec: str, label: str = "") -> HubSource:
         raise CheckpointError(f"{who}{spec}: cannot download from the Hub ({e})") from None
     except ValueError as e:  # HFValidationError: not a valid repo id (or a mistyped local path)
         raise CheckpointError(f"{who}{spec}: no such local path, and not a valid Hub repository id ({e})") from None
-    return HubSource(repo_id, revision, path, path.name)
 
 
 def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, commit_message: str | None = None) -> str:

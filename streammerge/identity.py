@@ -64,12 +64,14 @@ class InputGuard:
 
 def input_identity(ckpts: Mapping[str, Checkpoint | None]) -> dict[str, list[dict]]:
     """Per role, each input file's name, size, mtime, ctime and header SHA-256 (a checkpoint in several roles is read
-    once)."""
+    once); for a streamed Hub input, its name, size, header SHA-256, repository at its commit and SHA-256."""
     inputs: dict[str, list[dict]] = {}
     seen: dict[int, list[dict]] = {}
     for label, ck in ckpts.items():
         if ck is None:
             continue
+        if id(ck) not in seen and getattr(ck, "remote_identity", None) is not None:
+            seen[id(ck)] = ck.remote_identity  # a streamed Hub input: its files are not on disk yet
         if id(ck) not in seen:
             entries = []
             for f in ck.files:

@@ -519,6 +519,61 @@ OPTIONS: tuple[OptionSpec, ...] = (
         flags=(CliFlag("gpu_slots", ("--gpu-slots",), "CUDA: chunks in flight on the device.", (MERGE,)),),
     ),
     OptionSpec(
+        "stream",
+        "bool",
+        "inputs that are Hub repository ids are streamed: each shard is downloaded just before the merge reads it "
+        "and deleted once nothing left needs it (local disk bounded by ``stream_disk``).",
+        flags=(
+            CliFlag(
+                "stream",
+                ("--stream",),
+                "Hub inputs: download shards just ahead of the merge and delete them behind it.",
+                _POLICY_COMMANDS,
+                help_for={PLAN: "Hub inputs: say how much disk --stream needs and how often each shard is fetched."},
+            ),
+        ),
+    ),
+    OptionSpec(
+        "stream_disk",
+        "size",
+        "with ``stream``: the most local disk the streamed inputs may use at once (None: no refetch plus room for "
+        "``download_workers`` shards downloading ahead; ``plan --stream`` says how much).",
+        flags=(
+            CliFlag(
+                "stream_disk",
+                ("--stream-disk",),
+                "With --stream: most local disk for inputs at once (default: no refetch + a few shards ahead).",
+                _POLICY_COMMANDS,
+            ),
+        ),
+    ),
+    OptionSpec(
+        "download_workers",
+        "int",
+        "with ``stream``: shards downloaded at once.",
+        flags=(
+            CliFlag(
+                "download_workers",
+                ("--download-workers",),
+                "With --stream: shards downloaded at once.",
+                _POLICY_COMMANDS,
+            ),
+        ),
+    ),
+    OptionSpec(
+        "stream_dir",
+        "str",
+        "with ``stream``: the folder the shards go to (None: a hidden folder beside the output directory).",
+        flags=(
+            CliFlag(
+                "stream_dir",
+                ("--stream-dir",),
+                "With --stream: folder for the shards (default: .OUT.streammerge-inputs beside OUT).",
+                _POLICY_COMMANDS,
+            ),
+        ),
+    ),
+    OptionSpec(
         "overwrite",
         "bool",
         "replace a previous streammerge output in the output directory.",
@@ -634,6 +689,10 @@ class MergeOptions:
     gpu_register: bool = True
     gpu_slots: int = 2
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    stream: bool = False
+    stream_disk: int | None = None
+    download_workers: int = 4
+    stream_dir: str | None = None
 
     @classmethod
     def create(cls, **kwargs) -> MergeOptions:
@@ -649,6 +708,10 @@ class MergeOptions:
                 kwargs["alpha"] = float(kwargs["alpha"])
             except (TypeError, ValueError):
                 raise OptionsError(f"alpha: {kwargs['alpha']!r} is not a number") from None
+        if kwargs.get("stream_disk") is not None:
+            kwargs["stream_disk"] = parse_size(kwargs["stream_disk"], "--stream-disk")
+        if kwargs.get("stream_dir") is not None:
+            kwargs["stream_dir"] = os.fspath(kwargs["stream_dir"])
         if kwargs.get("gpu_window_bytes") is not None:
             kwargs["gpu_window_bytes"] = parse_size(kwargs["gpu_window_bytes"], "GPU window size")
         if "rules" in kwargs and kwargs["rules"] is not None:
@@ -683,6 +746,8 @@ class MergeOptions:
             r.checked()
         if self.gpu_slots < 1:
             raise OptionsError(f"GPU slots: must be at least 1, got {self.gpu_slots}")
+        if self.download_workers < 1:
+            raise OptionsError(f"--download-workers: must be at least 1, got {self.download_workers}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads: must be at least 1, got {self.threads}")
 

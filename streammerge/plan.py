@@ -397,6 +397,8 @@ class MergePlan:
     variants: list[MergePlan] = field(default_factory=list)
     # block-scaled FP8 facts: "inputs" (role -> block, where it came from, FP8 weights), "target_quantized"
     fp8: dict = field(default_factory=dict)
+    # with --stream: the shard schedule's summary (stream.Schedule.summary), set by whoever scheduled it
+    stream: dict = field(default_factory=dict)
 
     @property
     def outputs(self) -> int:
@@ -551,6 +553,7 @@ class MergePlan:
             "expected_peak_host_memory": self.expected_peak_memory(),
             "expected_gpu_memory": self.expected_gpu_memory(),
             **({"fp8": fp8} if (fp8 := self.fp8_summary()) else {}),
+            **({"stream": dict(self.stream)} if self.stream else {}),
             "warnings": list(self.warnings),
         }
 

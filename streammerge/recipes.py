@@ -13,7 +13,7 @@ from .checkpoint import TensorSource
 from .errors import OptionsError
 from .options import MergeOptions
 from .plan import MergePlan, PlanKind, VectorInput, build_plan, build_vector_plan, sweep_plan
-from .sources import close_all, open_sources, open_trio
+from .sources import StreamInputs, close_all, open_sources, open_trio
 from .spec import Spec
 
 # What `extract` records in its headers, and what apply/combine require of a stored vector.
@@ -91,7 +91,7 @@ def trio(
     headers record as the inputs (verify passes the manifest's)."""
     if alphas is not None:
         check_sweep_alphas(alphas)
-    opened = open_trio(target, sft, grpo, headers_only=headers_only)
+    opened = open_trio(target, sft, grpo, headers_only=headers_only, stream=StreamInputs.of(opts))
 
     def build():
         t, s, g = (opened[k] for k in ("target", "sft", "grpo"))
@@ -105,7 +105,8 @@ def trio(
 def extract(sft, grpo, opts: MergeOptions, sources=None) -> Planned:
     """The plan of ``grpo - sft`` laid out as grpo (grpo is the engine's target too: its non-floating tensors are
     copied)."""
-    opened = open_trio(sft, grpo, grpo)  # labels target=sft, sft=grpo, grpo=grpo (a second map of grpo)
+    # labels target=sft, sft=grpo, grpo=grpo (a second map of grpo; streamed: one download)
+    opened = open_trio(sft, grpo, grpo, stream=StreamInputs.of(opts))
 
     def build():
         sft_ck, grpo_ck = opened["target"], opened["grpo"]
@@ -123,7 +124,7 @@ def is_stored_vector(source: TensorSource) -> bool:
 
 def apply(target, vector, alphas: list[float], opts: MergeOptions, any_vector: bool, sources=None) -> Planned:
     """``target + alpha * vector`` (a sweep plan for several alphas)."""
-    opened = open_trio(target, vector, vector)
+    opened = open_trio(target, vector, vector, stream=StreamInputs.of(opts))
 
     def build():
         vec = opened["grpo"]
@@ -160,7 +161,7 @@ def combine(spec: Spec, opts: MergeOptions, headers_only: bool = False) -> Plann
     where = {"target": f"{spec.source}: target"}
     for i, v in enumerate(spec.vectors, 1):
         where.update({role: f"{spec.source}: vectors[{i}].{role.rstrip('0123456789')}" for role in v.roles(i)})
-    opened = open_sources(sources, headers_only=headers_only, where=where)
+    opened = open_sources(sources, headers_only=headers_only, where=where, stream=StreamInputs.of(opts))
 
     def build():
         vectors = []

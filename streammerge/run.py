@@ -23,6 +23,7 @@ from .outdir import check_output_paths, earlier_sweep_outputs, refuse_sweep_over
 from .parts import Part, files_of, finalize_parts, part_records, share_for
 from .plan import MergePlan, Op, check_disk_space
 from .recipes import Planned, sweep_dirname
+from .stream import Streamer, schedule, streamed
 from .verify import verify
 from .writer import NullWriter, OutputWriter, SweepWriter
 
@@ -241,8 +242,8 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     engine, engine_note = select_engine(opts.device, _threads(opts, coord), opts, coord, fp8=fp8)
     if fp8 and engine.name not in FP8_ENGINES:  # an engine given some other way (tests inject one)
         raise EngineError(FP8_ENGINE_MESSAGE)
-    if fp8:
-        check_fp8_scales(p, ckpts)  # values, not headers: before anything is written
+    if fp8:  # values, not headers: before anything is written (a streamed shard's, before the merge reads it)
+        check_fp8_scales(p, ckpts, lambda ck, ref: streamed(ck) is None)
     available = available_memory()
     if available is not None and p.bytes_read > available // 2:
         for ck in ckpts.values():
@@ -283,7 +284,13 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             own = files_of(p, part) if part is not None else None
             writers = [stack.enter_context(NullWriter(vp, sink == "null-sha256", own)) for vp in plans]
         writer = SweepWriter(p, writers) if p.variants else writers[0]
-        stats: EngineStats = engine.run(p, ckpts, writer, req.progress)
+        streamer = _start_stream(p, ckpts, opts, writer, fp8, stack)
+        into = streamer.sink(writer, p, writer.done_files) if streamer is not None else writer
+        stats: EngineStats = engine.run(p, ckpts, into, req.progress)
+        if streamer is not None:
+            streamer.check()
+            stats.stage_seconds["wait_download"] = round(streamer.waited(), 3)
+            stats.notes += streamer.notes()
         files = []
         for vp, w in zip(plans, writers):
             small = small_files(vp)
@@ -331,6 +338,38 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     return reports
 
 
+def _start_stream(p: MergePlan, ckpts, opts: MergeOptions, writer, fp8: bool, stack) -> Streamer | None:
+    """With streamed Hub inputs: schedule their shards for the work left (files already done are not fetched),
+    check the disk, start the downloads; the stack stops them."""
+    gates = {id(g): g for g in (streamed(ck) for ck in ckpts.values()) if g is not None}
+    if not gates:
+        return None
+    sched = schedule(p, ckpts, opts.stream_disk, opts.download_workers, skip=writer.done_files)
+    _check_stream_disk(sched.bound, next(iter(gates.values())).folder)
+
+    def on_arrival(ck, i: int) -> None:
+        check_fp8_scales(p, ckpts, lambda c, ref: c is ck and ref.file == i)
+
+    streamer = Streamer(sched, opts.download_workers, on_arrival if fp8 else None)
+    stack.callback(streamer.stop)
+    streamer.start()
+    return streamer
+
+
+def _check_stream_disk(bound: int, folder: Path) -> None:
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < bound:
+        raise OutputError(
+            f"{folder}: {free / 1e9:.1f} GB free, but the streamed inputs may use up to {bound / 1e9:.1f} GB there "
+            "(--stream-disk); free some space, give a smaller --stream-disk, or put them elsewhere with --stream-dir"
+        )
+
+
 def small_files(p: MergePlan) -> dict[str, bytes]:
     """The files copied from the target (config, tokenizer, ...): as they are, except that config.json loses its
     ``quantization_config`` where the output holds no FP8 tensor (``plan.drops_quantization_config``), so
@@ -349,10 +388,11 @@ def small_files(p: MergePlan) -> dict[str, bytes]:
     return out
 
 
-def check_fp8_scales(p: MergePlan, ckpts) -> None:
+def check_fp8_scales(p: MergePlan, ckpts, which: Callable | None = None) -> None:
     """Every block scale the plan computes with must be finite (a zero scale is legal: its block dequantizes to
     zeros). Headers cannot tell, so the values are read here (about 1/4096 of the FP8 bytes with 128x128 F32
-    blocks), before any output file exists.
+    blocks), before any output file exists. ``which(checkpoint, scale_ref)``: check only the scales it accepts
+    (a streamed shard's are checked when it arrives).
 
     Raises:
         [`CheckpointError`]: naming each offending scale tensor and its file, nothing written.
@@ -369,7 +409,7 @@ def check_fp8_scales(p: MergePlan, ckpts) -> None:
         for role, scale in t.scales.items():
             ck = ckpts[role]
             key = (id(ck), scale.ref.name)
-            if key in seen:
+            if key in seen or which is not None and not which(ck, scale.ref):
                 continue
             seen.add(key)
             ref = scale.ref

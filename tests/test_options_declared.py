@@ -228,6 +228,9 @@ _OLD_SPEC_KINDS = {
     "str": ("device", "out_dtype", "missing", "extra", "shape_mismatch", "unsupported_dtype", "vocab_mismatch"),
     "table": ("extra_metadata",),
 }
+# added since: the Hub stream (issue 14)
+_NEW_SPEC_KINDS = {"bool": ("stream",), "int": ("download_workers",), "size": ("stream_disk",), "str": ("stream_dir",)}
+_OLD_SPEC_KINDS = {k: v + _NEW_SPEC_KINDS.get(k, ()) for k, v in _OLD_SPEC_KINDS.items()}
 
 
 def test_spec_option_kinds_are_as_they_were():

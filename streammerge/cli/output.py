@@ -63,6 +63,10 @@ def print_plan(summary: dict, out: str | None) -> None:
         lines.append(f"fp8 out {fp8['output']}{new}; config.json's quantization_config: {fp8['quantization_config']}")
     for rule_text, hits in s.get("rule_hits", {}).items():
         lines.append(f"rule    {rule_text}: {hits} tensor(s)")
+    if s.get("stream"):
+        from ..stream import describe
+
+        lines += describe(s["stream"])
     print("\n".join(lines))
     for w in s["warnings"]:
         stderr(f"warning: {w}")
