@@ -105,7 +105,7 @@ def explained(spec: str, label: str = "", revision: str | None = None) -> Iterat
             f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}); download it first or unset HF_HUB_OFFLINE"
         ) from None
     except (HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"{who}{spec}: cannot download from the Hub ({e})") from None
+        raise CheckpointError(f"{who}{spec}: cannot download from the Hub ({' '.join(str(e).split())})") from None
     except ValueError as e:  # HFValidationError: not a valid repo id (or a mistyped local path)
         raise CheckpointError(f"{who}{spec}: no such local path, and not a valid Hub repository id ({e})") from None
 

@@ -61,7 +61,6 @@ class ShardGate:
     owns_scratch: Path | None = None  # a scratch folder created for this checkpoint, removed on close
     waited_s: float = 0.0  # time readers spent waiting for shards
     _on_disk: list[bool] = field(default_factory=list)
-    _checking: dict[int, int] = field(default_factory=dict)  # shard -> the thread checking it before it is ready
     _failure: BaseException | None = None
     _closed: bool = False
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -80,12 +79,7 @@ class ShardGate:
         """Return once shard ``i`` is complete on disk; raise the stream's failure if it never will be."""
         t0 = time.perf_counter()
         with self._cond:
-            while (
-                not self._on_disk[i]
-                and self._checking.get(i) != threading.get_ident()
-                and self._failure is None
-                and not self._closed
-            ):
+            while not self._on_disk[i] and self._failure is None and not self._closed:
                 self._cond.wait(1.0)
             self.waited_s += time.perf_counter() - t0
             if self._failure is not None:
@@ -100,14 +94,8 @@ class ShardGate:
         with self._cond:
             return self._on_disk[i]
 
-    def checking(self, i: int) -> None:
-        """Shard ``i`` is on disk and the calling thread reads it before anyone else may (its block scales)."""
-        with self._cond:
-            self._checking[i] = threading.get_ident()
-
     def ready(self, i: int) -> None:
         with self._cond:
-            self._checking.pop(i, None)
             self._on_disk[i] = True
             self._cond.notify_all()
 
@@ -169,7 +157,7 @@ def list_repo(spec: str, label: str = "") -> tuple[str, str, dict[str, RemoteFil
     return repo_id, info.sha, files
 
 
-def read_remote_header(repo_id: str, commit: str, f: RemoteFile, where: str) -> tuple[Header, bytes]:
+def read_remote_header(repo_id: str, commit: str, f: RemoteFile, label: str = "") -> tuple[Header, bytes]:
     """The header of one remote safetensors file, read with one or two range requests and validated as a local
     header is (against the file's size on the Hub)."""
     from huggingface_hub import hf_hub_url
@@ -177,7 +165,7 @@ def read_remote_header(repo_id: str, commit: str, f: RemoteFile, where: str) -> 
 
     url = hf_hub_url(repo_id, f.name, revision=commit)
     auth = build_hf_headers()
-    with explained(f"{repo_id}@{commit}", where):
+    with explained(f"{repo_id}@{commit}", label):
         r = get_session().get(url, headers={**auth, "Range": f"bytes=0-{max(1, min(HEADER_PROBE, f.size)) - 1}"})
         hf_raise_for_status(r)
         raw = bytes(r.content)
@@ -188,7 +176,8 @@ def read_remote_header(repo_id: str, commit: str, f: RemoteFile, where: str) -> 
                 hf_raise_for_status(r)
                 raw += bytes(r.content)
             raw = raw[: 8 + n]
-    return parse_header(raw, f.size, f"{where}{repo_id}@{commit[:12]}/{f.name}"), raw
+    who = f"{label} checkpoint: " if label else ""
+    return parse_header(raw, f.size, f"{who}{repo_id}@{commit[:12]}/{f.name}"), raw
 
 
 def _download_small(repo_id: str, commit: str, name: str, folder: Path) -> Path:
@@ -231,7 +220,7 @@ def open_streamed(spec: str, label: str, scratch: Path, workers: int = 4, made: 
                 _download_small_explained(spec, label, repo_id, commit, name, folder)
         weights = [files[n] for n in names]
         with ThreadPoolExecutor(max(1, min(workers, len(weights) or 1)), thread_name_prefix="sm-headers") as pool:
-            read = list(pool.map(lambda f: read_remote_header(repo_id, commit, f, who), weights))
+            read = list(pool.map(lambda f: read_remote_header(repo_id, commit, f, label), weights))
         gate = ShardGate(
             repo_id, commit, label, folder, weights, [raw for _, raw in read], owns_scratch=scratch if made else None
         )

@@ -348,7 +348,15 @@ def _start_stream(p: MergePlan, ckpts, opts: MergeOptions, writer, fp8: bool, st
     _check_stream_disk(sched.bound, next(iter(gates.values())).folder)
 
     def on_arrival(ck, i: int) -> None:
-        check_fp8_scales(p, ckpts, lambda c, ref: c is ck and ref.file == i)
+        # read from the file itself: the checkpoint lets nobody map it before this check is done
+        import torch
+
+        def read(_, ref):
+            with open(streamed(ck).path(i), "rb") as fh:
+                fh.seek(ref.offset)
+                return torch.frombuffer(bytearray(fh.read(ref.nbytes)), dtype=torch.uint8)
+
+        check_fp8_scales(p, ckpts, lambda c, ref: c is ck and ref.file == i, read)
 
     streamer = Streamer(sched, opts.download_workers, on_arrival if fp8 else None)
     stack.callback(streamer.stop)
@@ -388,11 +396,12 @@ def small_files(p: MergePlan) -> dict[str, bytes]:
     return out
 
 
-def check_fp8_scales(p: MergePlan, ckpts, which: Callable | None = None) -> None:
+def check_fp8_scales(p: MergePlan, ckpts, which: Callable | None = None, read: Callable | None = None) -> None:
     """Every block scale the plan computes with must be finite (a zero scale is legal: its block dequantizes to
     zeros). Headers cannot tell, so the values are read here (about 1/4096 of the FP8 bytes with 128x128 F32
     blocks), before any output file exists. ``which(checkpoint, scale_ref)``: check only the scales it accepts
-    (a streamed shard's are checked when it arrives).
+    (a streamed shard's are checked when it arrives); ``read(checkpoint, scale_ref)``: their bytes (default: a
+    view of the checkpoint).
 
     Raises:
         [`CheckpointError`]: naming each offending scale tensor and its file, nothing written.
@@ -413,15 +422,17 @@ def check_fp8_scales(p: MergePlan, ckpts, which: Callable | None = None) -> None
                 continue
             seen.add(key)
             ref = scale.ref
-            values = ck.view(ref, 0, ref.nbytes, torch_dtype(ref.dtype))
+            raw = read(ck, ref) if read is not None else ck.view(ref, 0, ref.nbytes)
+            values = raw.view(torch_dtype(ref.dtype))
             finite = torch.isfinite(values)
             if not bool(finite.all()):
                 i = int((~finite).nonzero()[0, 0])
                 pos = list(divmod(i, ref.shape[1])) if ref.shape[1] else [i]
                 n = int((~finite).sum())
                 bad.append(f"{ref.name} in {ck.files[ref.file]} ({n} non-finite, first {float(values[i])} at {pos})")
-            del values, finite
-            ck.release(ref, 0, ref.nbytes)
+            del values, finite, raw
+            if read is None:
+                ck.release(ref, 0, ref.nbytes)
     if bad:
         raise CheckpointError(
             f"{len(bad)} block scale tensor(s) hold NaN or infinite scales: {format_name_list(bad)}. A scale must be "

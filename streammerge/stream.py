@@ -397,7 +397,7 @@ class Streamer:
                     except OSError:
                         pass
         else:
-            what = f"{type(last).__name__}: {last}" if last is not None else "stopped"
+            what = " ".join(f"{type(last).__name__}: {last}".split()) if last is not None else "stopped"
             raise DownloadError(
                 f"{gate.label} checkpoint: {gate.source}/{name}: download failed after {self.retries + 1} "
                 f"attempt(s) ({what}); nothing unfinished was published: fix the connection and run again with "
@@ -405,7 +405,6 @@ class Streamer:
             ) from None
         self.download_seconds += time.perf_counter() - t0
         if self.on_arrival is not None:
-            gate.checking(f.file)
             self.on_arrival(f.ck, f.file)
 
     # ------------------------------------------------------------------ the sink side
