@@ -58,7 +58,7 @@ class ShardGate:
     folder: Path  # this checkpoint's files: index, small files, and the shards while they are needed
     files: list[RemoteFile]  # the weight files, in the checkpoint's file order
     headers: list[bytes]  # each weight file's header bytes (8-byte length and JSON), as read remotely
-    owns_scratch: Path | None = None  # a scratch folder created for this checkpoint, removed on close
+    made: tuple[Path, ...] = ()  # folders created for the scratch, deepest first: removed on close once empty
     waited_s: float = 0.0  # time readers spent waiting for shards
     _on_disk: list[bool] = field(default_factory=list)
     _failure: BaseException | None = None
@@ -117,11 +117,15 @@ class ShardGate:
             self._closed = True
             self._cond.notify_all()
         shutil.rmtree(self.folder, ignore_errors=True)
-        if self.owns_scratch is not None:
-            try:
-                self.owns_scratch.rmdir()  # only when empty: other checkpoints of the merge may still use it
-            except OSError:
-                pass
+        _remove_empty(self.made)  # only when empty: other checkpoints of the merge may still use them
+
+
+def _remove_empty(folders) -> None:
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def default_scratch(out_dir: str | os.PathLike | None, tag: str = "") -> Path:
@@ -186,7 +190,9 @@ def _download_small(repo_id: str, commit: str, name: str, folder: Path) -> Path:
     return Path(hf_hub_download(repo_id, name, revision=commit, local_dir=folder))
 
 
-def open_streamed(spec: str, label: str, scratch: Path, workers: int = 4, made: bool = False) -> Checkpoint:
+def open_streamed(
+    spec: str, label: str, scratch: Path, workers: int = 4, made: list[Path] | tuple[Path, ...] = ()
+) -> Checkpoint:
     """A Hub checkpoint whose shards the stream downloads later into ``scratch``: headers read remotely, the index
     and small files (config, tokenizer) downloaded now. The returned checkpoint's ``gate`` is its
     :class:`ShardGate`; closing the checkpoint removes everything downloaded for it (and ``scratch`` itself once
@@ -221,9 +227,7 @@ def open_streamed(spec: str, label: str, scratch: Path, workers: int = 4, made: 
         weights = [files[n] for n in names]
         with ThreadPoolExecutor(max(1, min(workers, len(weights) or 1)), thread_name_prefix="sm-headers") as pool:
             read = list(pool.map(lambda f: read_remote_header(repo_id, commit, f, label), weights))
-        gate = ShardGate(
-            repo_id, commit, label, folder, weights, [raw for _, raw in read], owns_scratch=scratch if made else None
-        )
+        gate = ShardGate(repo_id, commit, label, folder, weights, [raw for _, raw in read], made=tuple(made))
         try:
             ck = Checkpoint(folder, label=label, headers={f.name: h for f, (h, _) in zip(weights, read)}, gate=gate)
         except HeaderError as e:
@@ -245,11 +249,7 @@ def open_streamed(spec: str, label: str, scratch: Path, workers: int = 4, made: 
             gate.close()
         else:
             shutil.rmtree(folder, ignore_errors=True)
-            if made:
-                try:
-                    scratch.rmdir()
-                except OSError:
-                    pass
+            _remove_empty(made)
         raise
 
 

@@ -50,7 +50,12 @@ def open_sources(
     opened: dict[str, TensorSource] = {}
     by_src: dict[str, TensorSource] = {}
     # a scratch folder made for this merge is removed with its last streamed input (a given one is kept)
-    made = stream is not None and not stream.scratch.exists()
+    made: list[Path] = []
+    if stream is not None:
+        for d in (stream.scratch, *stream.scratch.parents):
+            if d.exists():
+                break
+            made.append(d)
     try:
         for label, src in sources.items():
             key = os.fspath(src)

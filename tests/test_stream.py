@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -369,3 +370,33 @@ def test_schedule_keeps_its_bound(hub, tmp_path):
                 assert all(streamed(ck) is not None for ck in {id(f.ck): f.ck for f in s.fetches}.values())
             with pytest.raises(OptionsError, match="is below what tensor"):
                 schedule(job.plan, job.inputs, base.minimum - 1)
+
+
+def test_parts_stream_into_their_own_folders(hub, tmp_path):
+    server, env = hub
+    out = tmp_path / "o"
+    common = ["org/t", "org/s", "org/g", "-o", str(out), "--device", "cpu", "--stream", "--max-shard-size", "600KB"]
+    _cli(env, "merge", *common, "--part", "1/2")
+    first = {(q.repo_id, q.filename) for q in server.gets() if q.range is None and q.filename.endswith("safetensors")}
+    server.clear_log()
+    _cli(env, "merge", *common, "--part", "2/2")
+    second = {(q.repo_id, q.filename) for q in server.gets() if q.range is None and q.filename.endswith("safetensors")}
+    assert first and second and len(first) < 9  # a part fetches only the shards its own files read
+    _cli(env, "finalize", str(out))
+    ref = tmp_path / "ref"
+    _cli(env, "merge", "org/t", "org/s", "org/g", "-o", str(ref), "--device", "cpu", "--max-shard-size", "600KB")
+    assert _weights(out) == _weights(ref)
+    assert not (tmp_path / ".o.streammerge-inputs").exists()
+
+
+def test_torchrun_ranks_stream_their_own_files(hub, tmp_path):
+    server, env = hub
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "streammerge"]
+    cmd += ["merge", "org/t", "org/s", "org/g", "-o", str(out), "--device", "cpu", "--stream", "--max-shard-size"]
+    r = subprocess.run([*cmd, "600KB"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ref = tmp_path / "ref"
+    _cli(env, "merge", "org/t", "org/s", "org/g", "-o", str(ref), "--device", "cpu", "--max-shard-size", "600KB")
+    assert _weights(out) == _weights(ref) and (out / "model.safetensors.index.json").exists()
+    assert not (tmp_path / ".o.streammerge-inputs").exists()
