@@ -284,13 +284,15 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             own = files_of(p, part) if part is not None else None
             writers = [stack.enter_context(NullWriter(vp, sink == "null-sha256", own)) for vp in plans]
         writer = SweepWriter(p, writers) if p.variants else writers[0]
-        streamer = _start_stream(p, ckpts, opts, writer, fp8, stack)
+        streamer = _start_stream(p, ckpts, opts, writer, fp8, stack, out_dir if sink == "disk" else None)
         into = streamer.sink(writer, p, writer.done_files) if streamer is not None else writer
         stats: EngineStats = engine.run(p, ckpts, into, req.progress)
         if streamer is not None:
             streamer.check()
             stats.stage_seconds["wait_download"] = round(streamer.waited(), 3)
             stats.notes += streamer.notes()
+        elif opts.stream:
+            stats.notes.append("stream: no input is a Hub repository id; nothing was streamed")
         files = []
         for vp, w in zip(plans, writers):
             small = small_files(vp)
@@ -338,14 +340,17 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     return reports
 
 
-def _start_stream(p: MergePlan, ckpts, opts: MergeOptions, writer, fp8: bool, stack) -> Streamer | None:
+def _start_stream(
+    p: MergePlan, ckpts, opts: MergeOptions, writer, fp8: bool, stack, out_dir: Path | None
+) -> Streamer | None:
     """With streamed Hub inputs: schedule their shards for the work left (files already done are not fetched),
-    check the disk, start the downloads; the stack stops them."""
+    check the disk (the output's too, when it is on the same filesystem), start the downloads; the stack stops
+    them."""
     gates = {id(g): g for g in (streamed(ck) for ck in ckpts.values()) if g is not None}
     if not gates:
         return None
     sched = schedule(p, ckpts, opts.stream_disk, opts.download_workers, skip=writer.done_files)
-    _check_stream_disk(sched.bound, next(iter(gates.values())).folder)
+    _check_stream_disk(sched.peak, next(iter(gates.values())).folder, p, out_dir)
 
     def on_arrival(ck, i: int) -> None:
         # read from the file itself: the checkpoint lets nobody map it before this check is done
@@ -364,17 +369,20 @@ def _start_stream(p: MergePlan, ckpts, opts: MergeOptions, writer, fp8: bool, st
     return streamer
 
 
-def _check_stream_disk(bound: int, folder: Path) -> None:
+def _check_stream_disk(peak: int, folder: Path, p: MergePlan, out_dir: Path | None) -> None:
     import shutil
 
     try:
         free = shutil.disk_usage(folder).free
+        shared = out_dir is not None and os.stat(folder).st_dev == os.stat(out_dir).st_dev
     except OSError:
         return
-    if free < bound:
+    need = peak + (p.disk_needed if shared else 0)
+    if free < need:
+        also = f" plus the output's {p.disk_needed / 1e9:.1f} GB" if shared else ""
         raise OutputError(
-            f"{folder}: {free / 1e9:.1f} GB free, but the streamed inputs may use up to {bound / 1e9:.1f} GB there "
-            "(--stream-disk); free some space, give a smaller --stream-disk, or put them elsewhere with --stream-dir"
+            f"{folder}: {free / 1e9:.1f} GB free, but the streamed inputs will use up to {peak / 1e9:.1f} GB there "
+            f"at once{also}; free some space, give a smaller --stream-disk, or put them elsewhere with --stream-dir"
         )
 
 

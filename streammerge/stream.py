@@ -142,7 +142,7 @@ def _steps(plan: MergePlan, inputs: Mapping[str, TensorSource | None], skip) -> 
             need = []
             for role, ref in refs:
                 ck = inputs.get(role)
-                if streamed(ck) is not None and (ck, ref.file) not in need:
+                if ref.nbytes and streamed(ck) is not None and (ck, ref.file) not in need:  # 0 bytes: nothing read
                     need.append((ck, ref.file))
             tensors.append(t)
             needs.append(need)
@@ -330,6 +330,10 @@ class Streamer:
         with self._cond:
             while not self._stopped and self.failure is None and self._next < len(self.sched.fetches):
                 f = self.sched.fetches[self._next]
+                if f.last_step < self._frontier:  # the merge got past it without it: nothing to fetch
+                    self._next += 1
+                    f.state = "released"
+                    continue
                 if self._frontier >= f.start_after and self._in_use + f.size <= self.sched.bound:
                     self._next += 1
                     self._in_use += f.size

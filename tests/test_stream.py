@@ -400,3 +400,19 @@ def test_torchrun_ranks_stream_their_own_files(hub, tmp_path):
     _cli(env, "merge", "org/t", "org/s", "org/g", "-o", str(ref), "--device", "cpu", "--max-shard-size", "600KB")
     assert _weights(out) == _weights(ref) and (out / "model.safetensors.index.json").exists()
     assert not (tmp_path / ".o.streammerge-inputs").exists()
+
+
+def test_not_enough_disk_for_the_streamed_shards_is_refused_up_front(hub, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from streammerge.errors import OutputError
+
+    server, _ = hub
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(*real(p)[:2], 1_000_000))
+    with hub_env(server, tmp_path / "hf-in"), pytest.raises(OutputError, match="will use up to .* at once"):
+        streammerge.merge("org/t", "org/s", "org/g", tmp_path / "o", device="cpu", stream=True)
+    # refused before any shard was fetched (only the index and small files were)
+    assert server.download_order() and not [n for n in server.download_order() if n.endswith(".safetensors")]
