@@ -416,3 +416,13 @@ def test_not_enough_disk_for_the_streamed_shards_is_refused_up_front(hub, tmp_pa
         streammerge.merge("org/t", "org/s", "org/g", tmp_path / "o", device="cpu", stream=True)
     # refused before any shard was fetched (only the index and small files were)
     assert server.download_order() and not [n for n in server.download_order() if n.endswith(".safetensors")]
+
+
+def test_plan_stream_says_the_disk_and_the_fetches(hub):
+    server, env = hub
+    text = _cli(env, "plan", "org/t", "org/s", "org/g", "--stream").stdout
+    assert "stream  9 input shard(s), 9 download(s)" in text and "every shard is fetched once" in text
+    least = _plan_stream(env)["minimum_bound"]
+    tight = _cli(env, "plan", "org/t", "org/s", "org/g", "--stream", "--stream-disk", str(least)).stdout
+    assert "the bound forces" in tight and "sft:model-0000" in tight
+    assert not [n for n in server.download_order() if n.endswith(".safetensors")]  # planning fetched no shard
