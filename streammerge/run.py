@@ -239,9 +239,10 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             check_output_paths(d, ckpts)
         check_disk_space(p, out_dir)
     fp8 = bool(p.fp8_tensors)
-    engine, engine_note = select_engine(opts.device, _threads(opts, coord), opts, coord, fp8=fp8)
-    if fp8 and engine.name not in FP8_ENGINES:  # an engine given some other way (tests inject one)
-        raise EngineError(FP8_ENGINE_MESSAGE)
+    # With streamed inputs the downloads start before the engine is chosen, so they overlap torch's import (seconds);
+    # only --device cuda, which can be refused, is chosen first, before anything is written.
+    late = opts.device != "cuda" and any(streamed(ck) is not None for ck in ckpts.values())
+    engine, engine_note = (None, "") if late else _engine(opts, coord, fp8)
     if fp8:  # values, not headers: before anything is written (a streamed shard's, before the merge reads it)
         check_fp8_scales(p, ckpts, lambda ck, ref: streamed(ck) is None)
     available = available_memory()
@@ -285,6 +286,8 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             writers = [stack.enter_context(NullWriter(vp, sink == "null-sha256", own)) for vp in plans]
         writer = SweepWriter(p, writers) if p.variants else writers[0]
         streamer = _start_stream(p, ckpts, opts, writer, fp8, stack, out_dir if sink == "disk" else None)
+        if engine is None:
+            engine, engine_note = _engine(opts, coord, fp8)
         into = streamer.sink(writer, p, writer.done_files) if streamer is not None else writer
         stats: EngineStats = engine.run(p, ckpts, into, req.progress)
         if streamer is not None:
@@ -338,6 +341,13 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             )
         )
     return reports
+
+
+def _engine(opts: MergeOptions, coord: Coordinator | None, fp8: bool):
+    engine, note = select_engine(opts.device, _threads(opts, coord), opts, coord, fp8=fp8)
+    if fp8 and engine.name not in FP8_ENGINES:  # an engine given some other way (tests inject one)
+        raise EngineError(FP8_ENGINE_MESSAGE)
+    return engine, note
 
 
 def _start_stream(
@@ -414,10 +424,6 @@ def check_fp8_scales(p: MergePlan, ckpts, which: Callable | None = None, read: C
     Raises:
         [`CheckpointError`]: naming each offending scale tensor and its file, nothing written.
     """
-    import torch
-
-    from .dtypes import torch_dtype
-
     seen: set[tuple[int, str]] = set()
     bad: list[str] = []
     for t in p.fp8_tensors:
@@ -429,6 +435,10 @@ def check_fp8_scales(p: MergePlan, ckpts, which: Callable | None = None, read: C
             if key in seen or which is not None and not which(ck, scale.ref):
                 continue
             seen.add(key)
+            import torch  # here: a merge whose FP8 inputs are all streamed imports it later, beside the downloads
+
+            from .dtypes import torch_dtype
+
             ref = scale.ref
             raw = read(ck, ref) if read is not None else ck.view(ref, 0, ref.nbytes)
             values = raw.view(torch_dtype(ref.dtype))

@@ -260,8 +260,6 @@ class Streamer:
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self.retried = 0
-        self.started_at = time.perf_counter()
-        self.download_seconds = 0.0
         # per-ckpt, file -> fetch being or to be held; fetches by last step for release
         self._by_last = sorted(range(len(sched.fetches)), key=lambda j: sched.fetches[j].last_step)
         self._release_at = 0
@@ -376,7 +374,6 @@ class Streamer:
 
         gate, name = f.gate, f.gate.files[f.file].name
         last: BaseException | None = None
-        t0 = time.perf_counter()
         for attempt in range(self.retries + 1):
             if self._stopped or self.failure is not None:
                 raise DownloadError(f"{gate.label} checkpoint: {gate.source}/{name}: the stream stopped")
@@ -401,13 +398,18 @@ class Streamer:
                     except OSError:
                         pass
         else:
+            if isinstance(last, DownloadError):  # the bytes arrived, but are not what the Hub lists
+                raise DownloadError(
+                    f"{last}, in each of {self.retries + 1} download(s); the server gives other bytes than its "
+                    "listing says (a repository changed in place, or a proxy in the way). Nothing unfinished was "
+                    "published; once the source is sound, run again with --resume"
+                ) from None
             what = " ".join(f"{type(last).__name__}: {last}".split()) if last is not None else "stopped"
             raise DownloadError(
                 f"{gate.label} checkpoint: {gate.source}/{name}: download failed after {self.retries + 1} "
                 f"attempt(s) ({what}); nothing unfinished was published: fix the connection and run again with "
                 "--resume"
             ) from None
-        self.download_seconds += time.perf_counter() - t0
         if self.on_arrival is not None:
             self.on_arrival(f.ck, f.file)
 
