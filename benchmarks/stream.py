@@ -557,12 +557,11 @@ def markdown(r: dict) -> str:
     lines += [
         "",
         "Walls include interpreter start-up. Peak input disk: apparent bytes of `*.safetensors`/`*.incomplete` "
-        f"files and HF-cache blobs, sampled every {s['sample_interval_s'] * 1000:.0f} ms (max over rounds). Last "
-        "byte: when the server sent the last resolve body byte, from the command's start; link idle: time between "
-        "the first and last byte (header probes included) with no transfer in flight; shard bytes from - to: when the "
-        "first shard GET began and the last byte was sent (medians, from the command's start); MB/s: bytes sent in that "
-        "span over its length. Output: SHA-256 of every weight file (and of its data "
-        "after the header); the `local` row's header metadata names local folders instead of Hub ids.",
+        f"files and HF-cache blobs, sampled every {s['sample_interval_s'] * 1000:.0f} ms (max over rounds). Shard "
+        "bytes from - to: when the first shard GET began and when the server sent the last byte (medians, from the "
+        "command's start); MB/s: bytes sent in that span over its length; link idle: time between the first byte "
+        "(header probes included) and the last with no transfer in flight. Output: SHA-256 of every weight file (and "
+        "of its data after the header); the `local` row's header metadata names local folders instead of Hub ids.",
         "",
     ]
     return "\n".join(lines)
