@@ -349,6 +349,17 @@ def _plan_stream(server: HubServer, args, extra: list[str]) -> dict:
     return json.loads(pr.stdout_text())["stream"]
 
 
+def _bound_ladder(server: HubServer, args, plan_default: dict) -> list[dict]:
+    """``plan --stream --stream-disk B`` at bounds from the minimum to the default: downloads and bytes each."""
+    lo, mid, hi = plan_default["minimum_bound"], plan_default["no_refetch_bound"], plan_default["disk_bound"]
+    picks = sorted({lo, int(lo * 1.25), int(lo * 1.5), int(lo * 2), mid, hi})
+    out = []
+    for b in picks:
+        ps = plan_default if b == hi else _plan_stream(server, args, ["--stream-disk", str(b)])
+        out.append({k: ps[k] for k in ("disk_bound", "fetches", "bytes_downloaded", "planned_peak")})
+    return out
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stream", description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gb", type=float, default=None, help="GB per checkpoint (default 0.5; smoke 0.02)")
@@ -426,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         tight = plan_default["minimum_bound"]
         # the smoke skips the second plan (one interpreter start-up less); the tight run's own report says the same
         plan_tight = None if args.smoke else _plan_stream(server, args, ["--stream-disk", str(tight)])
+        # what the bound costs in downloads between the minimum and the default (plan only: headers, no merge)
+        ladder = [] if args.smoke else _bound_ladder(server, args, plan_default)
         bounds = {"stream": plan_default["disk_bound"], "stream-tight": tight}
         _log(
             f"plan --stream: default bound {_mb(plan_default['disk_bound'])} ({plan_default['fetches']} downloads), "
@@ -492,6 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
         "trio": {k: v for k, v in trio.items() if k != "files"},
         "plan_stream_default": plan_default,
         "plan_stream_tight": plan_tight,
+        "plan_bound_ladder": ladder,
         "ideal": ideal,
         "summary": summary,
         "runs": runs,
@@ -554,6 +568,13 @@ def markdown(r: dict) -> str:
             f"{_mb(e['peak_input_disk_max'])}{bound} | {_mb(e['bytes_served_median']) if link else '-'} | "
             f"{e['shard_downloads_median']:.0f} | {_equal(e)} |"
         )
+    if r.get("plan_bound_ladder"):
+        lines += ["", "What the bound costs (`plan --stream --stream-disk B`, headers only):", ""]
+        lines += ["| --stream-disk | downloads | bytes downloaded | planned peak |", "|---|---|---|---|"]
+        for b in r["plan_bound_ladder"]:
+            lines.append(
+                f"| {_mb(b['disk_bound'])} | {b['fetches']} | {_mb(b['bytes_downloaded'])} | {_mb(b['planned_peak'])} |"
+            )
     lines += [
         "",
         "Walls include interpreter start-up. Peak input disk: apparent bytes of `*.safetensors`/`*.incomplete` "
