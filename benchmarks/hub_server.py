@@ -513,6 +513,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as huggingface_hub's pooled client expects
     server_version = "streammerge-hub-server"
     timeout = 60  # an idle keep-alive connection is closed after this
+    # TCP_NODELAY: with Nagle's algorithm a small response on a kept-alive connection waits for the client's delayed
+    # ACK (~40 ms a request here; 1 ms without)
+    disable_nagle_algorithm = True
 
     @property
     def hub(self) -> HubServer:

@@ -46,15 +46,19 @@ def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
 
 
 def _streaming(opts: MergeOptions, out, part=None) -> MergeOptions:
-    """With ``stream`` and no ``stream_dir``: the scratch folder beside ``out`` (one per process of a merge in parts
-    or under torchrun, so that no two download into one folder)."""
-    if not opts.stream or opts.stream_dir:
+    """With ``stream``: the scratch folder (``stream_dir``, by default one beside ``out``), with a subfolder per
+    process of a merge in parts or under torchrun, so that no two download into one folder."""
+    if not opts.stream:
         return opts
     tag = ""
-    if isinstance(part, str) and "/" in part:
+    if isinstance(part, Part):
+        tag = f"part-{part.index + 1}-of-{part.count}"
+    elif isinstance(part, str) and "/" in part:
         tag = "part-" + part.replace("/", "-of-")
     elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("STREAMMERGE_DISTRIBUTED") != "off":
         tag = f"rank-{os.environ.get('RANK', '0')}"
+    if opts.stream_dir:
+        return opts.replace(stream_dir=str(Path(opts.stream_dir) / tag)) if tag else opts
     real = out if out is not None and str(out) != "(null sink)" else None
     return opts.replace(stream_dir=str(default_scratch(real, tag)))
 

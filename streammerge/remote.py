@@ -9,6 +9,7 @@ maps a shard when the gate lets it, and the engines read it as any other.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -59,6 +60,7 @@ class ShardGate:
     files: list[RemoteFile]  # the weight files, in the checkpoint's file order
     headers: list[bytes]  # each weight file's header bytes (8-byte length and JSON), as read remotely
     made: tuple[Path, ...] = ()  # folders created for the scratch, deepest first: removed on close once empty
+    lock_fd: int | None = None  # the folder's lock (remote._lock), released on close
     waited_s: float = 0.0  # time readers spent waiting for shards
     _on_disk: list[bool] = field(default_factory=list)
     _failure: BaseException | None = None
@@ -117,6 +119,9 @@ class ShardGate:
             self._closed = True
             self._cond.notify_all()
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.lock_fd is not None:
+            _unlock(self.folder, self.lock_fd)
+            self.lock_fd = None
         _remove_empty(self.made)  # only when empty: other checkpoints of the merge may still use them
 
 
@@ -128,11 +133,24 @@ def _remove_empty(folders) -> None:
             return
 
 
+def _remove_dead_scratch(tmp: Path) -> None:
+    """Temporary scratch folders of processes that are gone (killed before they could remove their own)."""
+    for d in tmp.glob("streammerge-inputs-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
+
+
 def default_scratch(out_dir: str | os.PathLike | None, tag: str = "") -> Path:
     """Where streamed inputs go when ``--stream-dir`` is not given: a hidden folder beside the output directory
     (on the same disk, outside it: nothing in the output is ever an input), or a temporary folder without one.
     ``tag`` names one process of a merge in parts."""
     if out_dir is None:
+        _remove_dead_scratch(Path(tempfile.gettempdir()))
         base = Path(tempfile.gettempdir()) / f"streammerge-inputs-{os.getpid()}"
     else:
         out = Path(os.path.abspath(out_dir))
@@ -191,19 +209,26 @@ def _download_small(repo_id: str, commit: str, name: str, folder: Path) -> Path:
 
 
 def open_streamed(
-    spec: str, label: str, scratch: Path, workers: int = 4, made: list[Path] | tuple[Path, ...] = ()
+    spec: str,
+    label: str,
+    scratch: Path,
+    workers: int = 4,
+    made: list[Path] | tuple[Path, ...] = (),
+    listing: tuple[str, str, dict[str, RemoteFile]] | None = None,
 ) -> Checkpoint:
     """A Hub checkpoint whose shards the stream downloads later into ``scratch``: headers read remotely, the index
     and small files (config, tokenizer) downloaded now. The returned checkpoint's ``gate`` is its
-    :class:`ShardGate`; closing the checkpoint removes everything downloaded for it (and ``scratch`` itself once
-    empty, when ``made`` says the merge created it)."""
+    :class:`ShardGate`; closing the checkpoint removes everything downloaded for it (and the folders in ``made``,
+    deepest first, once empty: those the merge created for ``scratch``). ``listing``: :func:`list_repo`'s answer,
+    when the caller already has it. A lock file beside the folder keeps two merges from streaming into one folder."""
     who = f"{label} checkpoint: " if label else ""
-    repo_id, commit, files = list_repo(spec, label)
+    repo_id, commit, files = listing if listing is not None else list_repo(spec, label)
     folder = scratch / f"{repo_id.replace('/', '--')}--{commit[:12]}"
-    shutil.rmtree(folder, ignore_errors=True)  # what a killed run left: never trusted
-    folder.mkdir(parents=True)
+    lock = _lock(folder, who)
     gate: ShardGate | None = None
     try:
+        shutil.rmtree(folder, ignore_errors=True)  # what a killed run left (the lock says none is running): untrusted
+        folder.mkdir(parents=True)
         source = f"{repo_id}@{commit}"
         if INDEX_FILE in files:
             index = _download_small_explained(spec, label, repo_id, commit, INDEX_FILE, folder)
@@ -227,7 +252,9 @@ def open_streamed(
         weights = [files[n] for n in names]
         with ThreadPoolExecutor(max(1, min(workers, len(weights) or 1)), thread_name_prefix="sm-headers") as pool:
             read = list(pool.map(lambda f: read_remote_header(repo_id, commit, f, label), weights))
-        gate = ShardGate(repo_id, commit, label, folder, weights, [raw for _, raw in read], made=tuple(made))
+        gate = ShardGate(
+            repo_id, commit, label, folder, weights, [raw for _, raw in read], made=tuple(made), lock_fd=lock
+        )
         try:
             ck = Checkpoint(folder, label=label, headers={f.name: h for f, (h, _) in zip(weights, read)}, gate=gate)
         except HeaderError as e:
@@ -249,8 +276,33 @@ def open_streamed(
             gate.close()
         else:
             shutil.rmtree(folder, ignore_errors=True)
+            _unlock(folder, lock)
             _remove_empty(made)
         raise
+
+
+def _lock(folder: Path, who: str) -> int:
+    """An exclusive lock on ``folder``'s lock file (created with its parents), held until the checkpoint closes."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.with_name(folder.name + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CheckpointError(
+            f"{who}{folder}: another streammerge merge is streaming into this folder; give each merge its own "
+            "--stream-dir"
+        ) from None
+    return fd
+
+
+def _unlock(folder: Path, fd: int) -> None:
+    try:
+        os.unlink(folder.with_name(folder.name + ".lock"))
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def _download_small_explained(spec: str, label: str, repo_id: str, commit: str, name: str, folder: Path) -> Path:

@@ -33,6 +33,12 @@ SINKS = ("disk", "null", "null-sha256")
 # some other way) is refused rather than trusted with bytes it was not built for.
 FP8_ENGINES = ("cpu", "cuda")
 FP8_ENGINE_MESSAGE = "FP8 tensors need the CPU or the CUDA engine: --device cpu or cuda"
+# The CUDA engine maps (and registers) every input file before its first chunk; streamed shards arrive one by one.
+STREAM_CUDA_MESSAGE = (
+    "--stream merges on the CPU engine: the CUDA engine maps every input file before it starts, and streamed shards "
+    "arrive one by one. Use --device cpu or auto (the download is the bottleneck), or download the inputs first "
+    "and merge them without --stream on the GPU"
+)
 
 
 @dataclass
@@ -241,7 +247,9 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
     fp8 = bool(p.fp8_tensors)
     # With streamed inputs the downloads start before the engine is chosen, so they overlap torch's import (seconds);
     # only --device cuda, which can be refused, is chosen first, before anything is written.
-    late = opts.device != "cuda" and any(streamed(ck) is not None for ck in ckpts.values())
+    late = any(streamed(ck) is not None for ck in ckpts.values())
+    if late and opts.device == "cuda":
+        raise EngineError(STREAM_CUDA_MESSAGE)
     engine, engine_note = (None, "") if late else _engine(opts, coord, fp8)
     if fp8:  # values, not headers: before anything is written (a streamed shard's, before the merge reads it)
         check_fp8_scales(p, ckpts, lambda ck, ref: streamed(ck) is None)
@@ -286,8 +294,12 @@ def run(job: Planned, req: RunRequest) -> list[MergeReport]:
             writers = [stack.enter_context(NullWriter(vp, sink == "null-sha256", own)) for vp in plans]
         writer = SweepWriter(p, writers) if p.variants else writers[0]
         streamer = _start_stream(p, ckpts, opts, writer, fp8, stack, out_dir if sink == "disk" else None)
-        if engine is None:
-            engine, engine_note = _engine(opts, coord, fp8)
+        if engine is None:  # streamed inputs: the CPU engine (auto), chosen now
+            engine, engine_note = _engine(opts.replace(device="cpu"), coord, fp8)
+            if engine.name != "cpu":  # one handed over some other way (tests inject one)
+                raise EngineError(STREAM_CUDA_MESSAGE)
+            if opts.device == "auto":
+                engine_note = "cpu (auto: --stream merges on the CPU)"
         into = streamer.sink(writer, p, writer.done_files) if streamer is not None else writer
         stats: EngineStats = engine.run(p, ckpts, into, req.progress)
         if streamer is not None:
@@ -447,7 +459,9 @@ def check_fp8_scales(p: MergePlan, ckpts, which: Callable | None = None, read: C
                 i = int((~finite).nonzero()[0, 0])
                 pos = list(divmod(i, ref.shape[1])) if ref.shape[1] else [i]
                 n = int((~finite).sum())
-                bad.append(f"{ref.name} in {ck.files[ref.file]} ({n} non-finite, first {float(values[i])} at {pos})")
+                g = streamed(ck)
+                where = f"{g.source}/{g.files[ref.file].name}" if g is not None else ck.files[ref.file]
+                bad.append(f"{ref.name} in {where} ({n} non-finite, first {float(values[i])} at {pos})")
             del values, finite, raw
             if read is None:
                 ck.release(ref, 0, ref.nbytes)

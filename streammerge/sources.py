@@ -11,7 +11,7 @@ from . import hub
 from .checkpoint import TensorSource, open_checkpoint
 from .errors import StreamMergeError
 from .options import MergeOptions
-from .remote import default_scratch, open_streamed
+from .remote import default_scratch, list_repo, open_streamed
 
 TRIO_ROLES = ("target", "sft", "grpo")
 
@@ -65,7 +65,12 @@ def open_sources(
                 continue
             try:
                 if streaming:
-                    opened[label] = by_src[key] = open_streamed(key, label, stream.scratch, stream.workers, made)
+                    # one checkpoint per repository and commit, however it is spelled (org/m, org/m@main, ...)
+                    listing = list_repo(key, label)
+                    pinned = f"{listing[0]}@{listing[1]}"
+                    if pinned not in by_src:
+                        by_src[pinned] = open_streamed(key, label, stream.scratch, stream.workers, made, listing)
+                    opened[label] = by_src[key] = by_src[pinned]
                 else:
                     opened[label] = by_src[key] = _open_one(label, src, headers_only)
             except StreamMergeError as e:

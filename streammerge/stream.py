@@ -374,7 +374,10 @@ class Streamer:
 
         gate, name = f.gate, f.gate.files[f.file].name
         last: BaseException | None = None
+        wrong = 0  # downloads that arrived but were not what the Hub lists
         for attempt in range(self.retries + 1):
+            if wrong >= 2:
+                break  # twice the wrong bytes: no connection problem, and another download will not help
             if self._stopped or self.failure is not None:
                 raise DownloadError(f"{gate.label} checkpoint: {gate.source}/{name}: the stream stopped")
             if attempt:
@@ -382,29 +385,27 @@ class Streamer:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 hf_hub_download(
-                    gate.repo_id,
-                    name,
-                    revision=gate.commit,
-                    local_dir=gate.folder,
-                    force_download=last is not None and isinstance(last, DownloadError),
+                    gate.repo_id, name, revision=gate.commit, local_dir=gate.folder, force_download=wrong > 0
                 )
                 verify_download(gate, f.file)
+                last = None
                 break
             except Exception as e:  # noqa: BLE001 - retried, then reported in one line
                 last = e
                 if isinstance(e, DownloadError):  # a wrong file on disk: never resumed from
+                    wrong += 1
                     try:
                         os.unlink(gate.path(f.file))
                     except OSError:
                         pass
-        else:
-            if isinstance(last, DownloadError):  # the bytes arrived, but are not what the Hub lists
-                raise DownloadError(
-                    f"{last}, in each of {self.retries + 1} download(s); the server gives other bytes than its "
-                    "listing says (a repository changed in place, or a proxy in the way). Nothing unfinished was "
-                    "published; once the source is sound, run again with --resume"
-                ) from None
-            what = " ".join(f"{type(last).__name__}: {last}".split()) if last is not None else "stopped"
+        if isinstance(last, DownloadError):  # the bytes arrived, but are not what the Hub lists
+            raise DownloadError(
+                f"{last} (in {wrong} downloads); the server gives other bytes than its listing says (a repository "
+                "changed in place, or a proxy in the way). Nothing unfinished was published; once the source is "
+                "sound, run again with --resume"
+            ) from None
+        if last is not None:
+            what = " ".join(f"{type(last).__name__}: {last}".split())
             raise DownloadError(
                 f"{gate.label} checkpoint: {gate.source}/{name}: download failed after {self.retries + 1} "
                 f"attempt(s) ({what}); nothing unfinished was published: fix the connection and run again with "

@@ -6,8 +6,7 @@ simulated device.
 
 Every case asserts what must be true: output bytes equal to the same merge without ``--stream``, fetch counts (full
 GETs in the server's request log) equal to what ``plan --stream`` announced, the sampled disk within the bound, one
-clear error line and nothing left behind. Cases marked ``xfail(strict=True)`` reproduce a bug found in review; each
-flips to a failure ("XPASS strict") once the bug is fixed, so the marker can then be removed.
+clear error line and nothing left behind. The last cases reproduce bugs found in review: each failed before its fix.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from helpers import make_related, streammerge_cmd, write_checkpoint
 from hub_fixtures import HubServer, hub_env
 
 import streammerge
-from streammerge.errors import CheckpointError, DownloadError, StreamMergeError
+from streammerge.errors import CheckpointError, DownloadError, EngineError, StreamMergeError
 
 if not torch.cuda.is_available():  # as tests/test_cuda_engine.py: the simulated device's Triton kernels interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -461,7 +460,7 @@ def test_fp8_nan_scale_in_a_streamed_shard_is_one_clear_line(hub, poisoned_fp8, 
     assert not (tmp_path / "o" / "model.safetensors.index.json").exists()
 
 
-# ------------------------------------------------------------------------------------------------ bugs (xfail)
+# ------------------------------------------------------------------ bugs found in review (each failed before its fix)
 def _sim_engine(monkeypatch):
     from streammerge import run
     from streammerge.engines import cuda as ce
@@ -472,50 +471,30 @@ def _sim_engine(monkeypatch):
     return sim
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CUDA engine + --stream deadlocks whenever the bound is below the whole model (here the default with "
-    "--download-workers 1): plan_gpu_work maps every input file up front (Checkpoint.mapping -> ShardGate.wait) "
-    "before anything is written, and the stream fetches later shards only once earlier tensors are written",
-)
-def test_cuda_engine_streams_with_one_download_worker(hub, refs, tmp_path, monkeypatch):
+def test_cuda_engine_is_refused_with_stream_before_anything_is_written(hub, tmp_path, monkeypatch):
+    # the CUDA engine maps every input file before its first chunk (plan_gpu_work); streamed shards arrive one by one
     _sim_engine(monkeypatch)
-    _bounded(
-        lambda: streammerge.merge("org/t", "org/s", "org/g", tmp_path / "o", stream=True, download_workers=1),
-        timeout_s=10,
-    )
+    with pytest.raises(EngineError, match="--stream merges on the CPU engine"):
+        streammerge.merge("org/t", "org/s", "org/g", tmp_path / "o", stream=True, device="cuda")
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+    assert not [n for n in hub.download_order() if n.endswith(".safetensors")]
+    # an engine handed over some other way (here: the simulated CUDA engine for --device auto) is refused too
+    with pytest.raises(EngineError, match="--stream merges on the CPU engine"):
+        streammerge.merge("org/t", "org/s", "org/g", tmp_path / "o2", stream=True)
+    assert _leftovers(tmp_path) == []
+
+
+def test_auto_device_streams_on_the_cpu(hub, refs, tmp_path):
+    r = streammerge.merge("org/t", "org/s", "org/g", tmp_path / "o", stream=True)
+    assert r.device == "cpu" and any("auto: --stream merges on the CPU" in w for w in r.warnings)
     assert _weights(tmp_path / "o") == refs["merge"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, AssertionError),
-    reason="CUDA engine + --stream with a bound that holds the whole model: the stream's release of a shard "
-    "(Streamer._release -> Checkpoint.unmap) closes the mmap the engine still holds in GpuWork.maps and its "
-    "windows: 'ValueError: mmap closed or invalid' as a traceback (on a GPU: windows registered over unmapped pages)",
-)
-def test_cuda_engine_streams_with_the_default_bound(hub, refs, tmp_path, monkeypatch):
-    _sim_engine(monkeypatch)
-    _bounded(lambda: streammerge.merge("org/t", "org/s", "org/g", tmp_path / "o", stream=True), timeout_s=10)
-    assert _weights(tmp_path / "o") == refs["merge"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a merge in parts streams into .OUT.streammerge-inputs/part-I-of-N; only the part folder is removed "
-    "(owns_scratch is the tagged folder, remote.ShardGate.close), its parent is left behind beside the output",
-)
 def test_a_merge_in_parts_leaves_no_scratch_folder(hub, tmp_path):
     streammerge.merge("org/t", "org/s", "org/g", tmp_path / "o", device="cpu", stream=True, part="1/2")
     assert _leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="one repository spelled two ways (org/g and org/g@main: one commit) is opened twice (sources.open_sources "
-    "keys on the spelling, not on repo and commit): its shards are downloaded twice, the bound counts them twice, "
-    "and two gates share one folder (the second open_streamed rmtree's the first's files; either unlinks the other's)",
-)
 def test_one_repository_spelled_two_ways_is_downloaded_once(hub, refs, tmp_path):
     planned = _planned("org/g", "org/s", "org/g@main", download_workers=1)
     streammerge.merge("org/g", "org/s", "org/g@main", tmp_path / "o", device="cpu", stream=True, download_workers=1)
@@ -523,12 +502,6 @@ def test_one_repository_spelled_two_ways_is_downloaded_once(hub, refs, tmp_path)
     assert planned["shards"] == 5 and sum(_fetches(hub).values()) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two merges given one --stream-dir (or --part I/N jobs, or torchrun ranks, with an explicit --stream-dir:"
-    " api._streaming tags only the default folder): remote.open_streamed rmtree's repo--commit, which another run is "
-    "using (seen live: 'sft checkpoint: .../scratch/org--s--...: no such file or directory')",
-)
 def test_a_second_run_sharing_the_stream_dir_leaves_the_first_runs_files_alone(hub, tmp_path):
     from huggingface_hub import hf_hub_download
 
@@ -541,16 +514,13 @@ def test_a_second_run_sharing_the_stream_dir_leaves_the_first_runs_files_alone(h
         # the first run's stream has downloaded its first shard (as Streamer._download does)
         hf_hub_download(gate.repo_id, gate.files[0].name, revision=gate.commit, local_dir=gate.folder)
         assert gate.path(0).is_file()
-        with recipes.trio("org/t", "org/s", "org/g", opts):  # a second merge starts with the same --stream-dir
-            assert gate.path(0).is_file(), "the second run deleted a shard the first one is merging from"
+        # a second merge starts with the same --stream-dir: refused, the first's files left alone
+        with pytest.raises(CheckpointError, match="another streammerge merge is streaming into this folder"):
+            recipes.trio("org/t", "org/s", "org/g", opts)
+        assert gate.path(0).is_file(), "the second run deleted a shard the first one is merging from"
+    assert not scratch.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a shard whose bytes differ from the Hub's SHA-256 is downloaded 4 times and reported as 'download failed "
-    "... fix the connection' with the source named twice: a content mismatch is no connection problem (stream.py "
-    "Streamer._download retries DownloadError and wraps it in the connection message)",
-)
 def test_a_sha256_mismatch_is_reported_once_without_connection_advice(hub, dirs, tmp_path):
     bad = _copy_repo(hub, dirs[2], tmp_path / "gbad", "org/gbad")
     raw = bytearray((bad / G2).read_bytes())
@@ -562,11 +532,6 @@ def test_a_sha256_mismatch_is_reported_once_without_connection_advice(hub, dirs,
     assert "SHA-256" in msg and "fix the connection" not in msg and msg.count(f"/{G2}") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a non-finite block scale in a streamed shard is reported with the scratch path (already deleted), "
-    "not the Hub source (run._start_stream.on_arrival -> check_fp8_scales names ck.files[ref.file])",
-)
 def test_fp8_nan_scale_in_a_streamed_shard_names_the_hub_file(hub, poisoned_fp8, tmp_path):
     dirs, _ = poisoned_fp8
     with pytest.raises(CheckpointError) as e:
