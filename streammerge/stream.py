@@ -260,7 +260,7 @@ class Streamer:
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self.retried = 0
-        # per-ckpt, file -> fetch being or to be held; fetches by last step for release
+        # the fetches in the order the merge gets past them (their last step): released in that order
         self._by_last = sorted(range(len(sched.fetches)), key=lambda j: sched.fetches[j].last_step)
         self._release_at = 0
 
@@ -381,7 +381,8 @@ class Streamer:
             if self._stopped or self.failure is not None:
                 raise DownloadError(f"{gate.label} checkpoint: {gate.source}/{name}: the stream stopped")
             if attempt:
-                self.retried += 1
+                with self._cond:
+                    self.retried += 1
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 hf_hub_download(
