@@ -29,9 +29,10 @@ from ..plan import MergePlan, Op, OutTensor, fp8_sub_block
 from ..writer import Sink
 from .output import FileWindow, OutputStage, Piece
 from .stats import EngineStats, Progress, ProgressCounter
-from .work import (
+from .work import (  # iter_work: verify.py takes it from here
     FirstFailure,
     WorkItem,
+    iter_work,  # noqa: F401
     out_bytes,
     out_offset,
     record_nonfinite,
@@ -240,7 +241,7 @@ class CpuEngine:
         stats.peak_rss_anon = peak
         stats.stage_seconds = dict(timers)
         stats.notes.append(
-            f"cpu engine: {workers} compute thread(s), {output.threads} output thread(s) (writes + SHA-256 per file); "
+            f"cpu engine: {workers} compute worker(s) + {output.threads} output thread(s) (writes, SHA-256 per file); "
             f"up to {window.max_open} output file(s) in flight, {output.max_hashing} hashed at once"
         )
 
