@@ -9,8 +9,6 @@ shard, so ``--resume`` keeps verified shards and redoes the rest.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -38,35 +36,6 @@ STATE_IN_PROGRESS = "in-progress"
 STATE_COMPLETE = "complete"
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _HASH_READ = 8 * 2**20
-# Write-behind: after each write the kernel is asked to start writing that range to disk (sync_file_range with
-# SYNC_FILE_RANGE_WRITE: asynchronous, no wait), so a finished file's fsync has little left to do; a 2 GB file's
-# fsync otherwise took 0.5-1.9 s at its end, with nothing else left to overlap it (docs/hardware.md).
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range():
-    if not hasattr(os, "posix_fallocate"):  # not Linux
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing ``[offset, offset + nbytes)`` of ``fd`` to disk, without waiting (Linux; a
-    no-op elsewhere or where it fails: durability still comes from the fsync before the rename)."""
-    if _sync_file_range is not None and nbytes > 0:
-        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # ctypes releases the GIL during the call
-
-
 class Sink(Protocol):
     """Where an engine sends output bytes: :class:`OutputWriter` (disk), :class:`NullWriter` (discard, optionally
     hashing) and :class:`SweepWriter` (one writer per output of a sweep). Engines use only these members.
@@ -538,7 +507,7 @@ class OutputWriter:
     def write(self, file: int, offset: int, data, out: int | None = None, *, hashed: bool = False) -> None:
         """Write ``data`` (any buffer) at absolute ``offset`` of output file ``file`` (``out``: see `SweepWriter`).
         ``hashed``: the caller feeds these bytes to :meth:`digest` itself (an engine hashing on another thread).
-        Safe from several threads at once; the range is handed to the kernel's write-back at once."""
+        Safe from several threads at once."""
         fd = self._fds[file]
         if fd is None:
             raise OutputError(f"{self.plan.files[file].name}: written after it was finished (internal error)")
@@ -546,7 +515,6 @@ class OutputWriter:
             n = self._pwrite_all(fd, data, offset)
         except OSError as e:
             raise self._write_error(self.plan.files[file].name, e) from None
-        start_writeback(fd, offset, n)
         with self._count_lock:
             self.bytes_written += n
         if not hashed:
