@@ -119,4 +119,5 @@ def test_slots_and_reported_memory_follow_the_compute_threads():
     assert output_slots(1, 4) == 6 and output_slots(2, 4) == 11
     chunk = 16 << 20
     assert host_buffer_bytes(chunk, 4) - host_buffer_bytes(chunk, 1) >= 3 * chunk
-    assert eo.hash_files_for(1e15, 4, 9) == 4 and eo.hash_files_for(1e15, 4, 2) == 2 and eo.hash_files_for(1.0, 4, 9) == 1
+    assert eo.hash_files_for(1e15, 4, 9) == 4 and eo.hash_files_for(1e15, 4, 2) == 2
+    assert eo.hash_files_for(1.0, 4, 9) == 1
