@@ -127,9 +127,19 @@ def sha_floor(nbytes: int) -> float:
     return time.perf_counter() - t0
 
 
-def hash_scaling(max_threads: int) -> list[dict]:
+def hash_scaling(max_threads: int, repeats: int = 3) -> list[dict]:
     """Aggregate SHA-256 throughput with 1..max_threads threads, each hashing its own stream (as the engines hash
-    several output files at once): GB/s, and per thread."""
+    several output files at once): GB/s (best of ``repeats`` passes over 1..max_threads), and per thread."""
+    best: dict[int, dict] = {}
+    for _ in range(repeats):
+        for row in _hash_pass(max_threads):
+            k = row["threads"]
+            if k not in best or row["seconds"] < best[k]["seconds"]:
+                best[k] = row
+    return [best[k] for k in sorted(best)]
+
+
+def _hash_pass(max_threads: int) -> list[dict]:
     buf = os.urandom(1 << 20) * (HASH_BUFFER_BYTES >> 20)
     rows = []
     for k in range(1, max_threads + 1):
@@ -148,7 +158,9 @@ def hash_scaling(max_threads: int) -> list[dict]:
             th.join()
         dt = time.perf_counter() - t0
         gbps = k * HASH_BYTES_PER_THREAD / dt / 1e9
-        rows.append({"threads": k, "seconds": dt, "gbps": gbps, "gbps_per_thread": gbps / k})
+        rows.append(
+            {"threads": k, "seconds": dt, "gbps": gbps, "gbps_per_thread": gbps / k, "load": os.getloadavg()[0]}
+        )
         _log(f"  SHA-256 x {k} thread(s): {gbps:.2f} GB/s ({gbps / k:.2f} per thread)")
     return rows
 
@@ -357,18 +369,27 @@ def markdown(results: dict) -> str:
             f"{'yes' if r >= TARGET_MERGEKIT_SPEEDUP else '**no**'} |"
         )
     hs = results["hash_scaling"]
-    lines += ["", "SHA-256, each thread hashing its own stream (as several output files in flight):", ""]
+    lines += [
+        "",
+        f"SHA-256, each thread hashing its own stream (as several output files in flight), best of 3 passes; "
+        f"{results['cores']} cores, so more threads than that share them:",
+        "",
+    ]
     lines.append("| threads | " + " | ".join(str(r["threads"]) for r in hs) + " |")
     lines.append("|---|" + "---|" * len(hs))
     lines.append("| GB/s | " + " | ".join(f"{r['gbps']:.2f}" for r in hs) + " |")
-    one = hs[0]["gbps"]
+    lines.append("| GB/s per thread | " + " | ".join(f"{r['gbps_per_thread']:.2f}" for r in hs) + " |")
+    # one core's rate: the best of the scaling run's one thread and the compute floor's SHA-256 runs
+    one = max(hs[0]["gbps"], info["bytes_out"] / c["sha_s"] / 1e9)
     lines += [
         "",
-        f"On paper, a {PAPER_CORES}-core GPU machine: one hash stream caps a merge's output at ~{one:.1f} GB/s "
-        f"(~{4 * one:.0f} GB/s of bytes moved, 3 in + 1 out); with {PAPER_CORES} output files in flight, "
-        f"{PAPER_CORES} streams give up to ~{PAPER_CORES * one:.0f} GB/s of output if SHA-256 scales per core as "
-        "above (it is compute-bound: no shared state), i.e. ~17 GB/s, the device pipeline's output rate, needs "
-        f"~{17 / one:.0f} files in flight and as many free cores. A one-file output still hashes on one core.",
+        f"On paper, a {PAPER_CORES}-core GPU machine at this machine's {one:.2f} GB/s per core: one hash stream caps "
+        f"a merge's output at ~{one:.1f} GB/s (~{4 * one:.0f} GB/s of bytes moved, 3 in + 1 out), whatever the GPU. "
+        f"With k output files in flight, k streams on k free cores hash ~k x {one:.1f} GB/s (SHA-256 is compute-bound, "
+        f"no shared state): {PAPER_CORES} files give ~{PAPER_CORES * one:.0f} GB/s of output; the device pipeline's "
+        f"~17 GB/s of output (67-70 GB/s moved, docs/hardware.md) needs ~{17 / one:.0f} files in flight, which the "
+        "CUDA engine sizes from the measured rate (`output.hash_files_for`), capped at one per core and per file. A "
+        "one-file output still hashes on one core.",
     ]
     return "\n".join(lines) + "\n"
 
