@@ -600,7 +600,8 @@ class OutputWriter:
             os.replace(self._temps[file], self.out_dir / f.name)
         except OSError as e:
             raise self._write_error(f.name, e) from None
-        self.bytes_written += len(f.header)
+        with self._count_lock:
+            self.bytes_written += len(f.header)
         self.shards[f.name] = {"size": f.size, "sha256": digest}
         self._write_manifest(STATE_IN_PROGRESS)
         crash_point(f"shard:{file}")
@@ -727,7 +728,8 @@ class NullWriter:
 
     def finish_file(self, file: int) -> None:
         f = self.plan.files[file]
-        self.bytes_written += len(f.header)
+        with self._count_lock:
+            self.bytes_written += len(f.header)
         h = self._hash[file]
         self.shards[f.name] = {"size": f.size, "sha256": h.hexdigest() if h is not None else ""}
 
