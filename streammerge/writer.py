@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import os
-import queue
 import shutil
 import threading
 import time
@@ -37,10 +36,6 @@ STATE_IN_PROGRESS = "in-progress"
 STATE_COMPLETE = "complete"
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _HASH_READ = 8 * 2**20
-# Rolling sync: each time this many bytes have been written to an output file, a background thread fdatasyncs it,
-# so the disk writes while the engine computes and a finished file's fsync has at most this much left to write
-# (0: off). Durability is unchanged: every file is still fsynced before its rename.
-SYNC_EVERY_BYTES = 256 * 2**20
 
 
 class Sink(Protocol):
@@ -244,11 +239,6 @@ class OutputWriter:
         self.notes: list[str] = []
         self.bytes_written = 0
         self._count_lock = threading.Lock()  # bytes_written: writes come from several threads
-        self._unsynced = [0] * n  # bytes written since the file's last rolling sync was asked for
-        self._fd_locks = [threading.Lock() for _ in range(n)]  # held while a rolling sync uses the fd
-        self._sync_q: queue.SimpleQueue[int | None] | None = None
-        self._sync_pending: set[int] = set()
-        self._sync_thread: threading.Thread | None = None
         self._created: set[int] = set()  # temporaries this run created (the only ones abort removes)
         self._record_is_ours = False  # this run created its part record
 
@@ -529,52 +519,13 @@ class OutputWriter:
             raise self._write_error(self.plan.files[file].name, e) from None
         with self._count_lock:
             self.bytes_written += n
-            self._unsynced[file] += n
-            due = SYNC_EVERY_BYTES and self._unsynced[file] >= SYNC_EVERY_BYTES and file not in self._sync_pending
-            if due:
-                self._unsynced[file] = 0
-                self._sync_pending.add(file)
-        if due:
-            self._request_sync(file)
         if not hashed:
             self.digest(file, offset, data)
-
-    def _request_sync(self, file: int) -> None:
-        if self._sync_q is None:
-            with self._count_lock:
-                if self._sync_q is None:
-                    self._sync_q = queue.SimpleQueue()
-                    self._sync_thread = threading.Thread(target=self._sync_loop, name="sm-sync", daemon=True)
-                    self._sync_thread.start()
-        self._sync_q.put(file)  # type: ignore[union-attr]
-
-    def _sync_loop(self) -> None:
-        """Rolling syncs (SYNC_EVERY_BYTES), one file at a time; a closed file is skipped. Errors are left to the
-        file's own fsync before its rename, which reports them."""
-        q = self._sync_q
-        assert q is not None
-        while (file := q.get()) is not None:
-            with self._count_lock:
-                self._sync_pending.discard(file)
-            with self._fd_locks[file]:
-                fd = self._fds[file]
-                if fd is not None:
-                    try:
-                        os.fdatasync(fd)
-                    except OSError:
-                        pass
-
-    def _stop_syncer(self) -> None:
-        if self._sync_thread is not None and self._sync_q is not None:
-            self._sync_q.put(None)
-            self._sync_thread.join()
-            self._sync_thread = None
 
     def digest(self, file: int, offset: int, data, out: int | None = None) -> None:
         """Feed ``data`` (about to be written at ``offset``) to the file's SHA-256. Chunks come in offset order, so
         the checksum is computed as the data passes; anything out of order makes ``finish_file`` re-read the file.
-        An engine may call this from its compute thread (then writing with ``hashed=True``) to keep the hashing off
-        the writer thread, which on small machines is the bottleneck."""
+        The engines call it from the file's hash stream (engines/output.py), beside the writes (``hashed=True``)."""
         n = memoryview(data).nbytes
         if self._sequential[file] and offset == self._cursor[file]:
             self._hash[file].update(data)
@@ -588,9 +539,8 @@ class OutputWriter:
         f = self.plan.files[file]
         try:
             os.fsync(fd)  # type: ignore[arg-type]
-            with self._fd_locks[file]:  # no rolling sync may use the fd once it is closed
-                os.close(fd)  # type: ignore[arg-type]
-                self._fds[file] = None
+            os.close(fd)  # type: ignore[arg-type]
+            self._fds[file] = None
             if self._sequential[file] and self._cursor[file] == f.size:
                 digest = self._hash[file].hexdigest()
             else:
@@ -658,13 +608,11 @@ class OutputWriter:
         """Close and remove every temporary file; files already given final names are complete and stay."""
         for i, fd in enumerate(self._fds):
             if fd is not None:
-                with self._fd_locks[i]:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-                    self._fds[i] = None
-        self._stop_syncer()
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                self._fds[i] = None
         for i in self._created:
             try:
                 self._temps[i].unlink()
@@ -674,7 +622,6 @@ class OutputWriter:
             (self.out_dir / self.share.record).unlink(missing_ok=True)
 
     def close(self) -> None:
-        self._stop_syncer()
         if self._dir_fd is not None:
             os.close(self._dir_fd)  # releases the lock
             self._dir_fd = None
