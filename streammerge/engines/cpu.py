@@ -127,10 +127,23 @@ class CpuEngine:
         # falls behind blocks the ones feeding it and the kernel gives their cores to it: no core idles while another
         # stage is the bottleneck, and no thread count is tuned per machine.
         output = OutputStage(plan, writer, stats, failure, report, workers, timers)
+        # Read-ahead (madvise WILLNEED) on a thread of its own, as each file's chunks are taken from the work list
+        # (FileWindow: ``ahead`` chunks before they are dispatched): on a cold cache the call can block on the disk,
+        # and the dispatching thread must not.
+        prefetch_q: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
+
+        def prefetcher() -> None:
+            while (it := prefetch_q.get()) is not None:
+                if failure.exc is None:
+                    try:
+                        _prefetch(ckpts, it)
+                    except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                        failure.set(e)
+
+        prefetch_thread = threading.Thread(target=prefetcher, name="sm-prefetch", daemon=True)
+        prefetch_thread.start()
         compute_pool = ThreadPoolExecutor(workers, thread_name_prefix="sm-compute")
-        window = FileWindow(
-            plan, skip, workers, output.backlog, lambda it: _prefetch(ckpts, it), bound=output.hash_bound
-        )
+        window = FileWindow(plan, skip, workers, output.backlog, prefetch_q.put, bound=output.hash_bound)
 
         def add(stage: str, dt: float) -> None:
             with timer_lock:
@@ -230,12 +243,16 @@ class CpuEngine:
             compute_pool.shutdown(wait=True)
             failure.check()
             output.drain()
+            prefetch_q.put(None)
+            prefetch_thread.join()
         except BaseException:
             failure.set(StreamMergeError("merge interrupted"))
             # Let the helper threads run out (after a failure they only give buffers back) before the caller
             # removes temporary files.
             compute_pool.shutdown(wait=True, cancel_futures=True)
             output.shutdown()
+            prefetch_q.put(None)
+            prefetch_thread.join()
             raise
         peak = max(peak, rss_anon())
         stats.peak_rss_anon = peak
