@@ -9,6 +9,8 @@ the work and dropped from this process behind it.
 from __future__ import annotations
 
 import collections
+import ctypes
+import mmap
 import queue
 import threading
 import time
@@ -86,13 +88,27 @@ class CpuEngine:
         old_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         workers = self.threads or default_workers()
+        resident = None
+        if self.threads is None and workers > 1:
+            # Inputs read from disk: one compute thread. Page faults from several compute threads at once defeat the
+            # kernel's read-ahead (measured, 8 GB trio whose 23 GB of inputs the page cache could not keep: 143 s
+            # with 2 compute threads, 47 s with 1, 88 s with the engine before issue 15), and the disk is the floor
+            # there anyway. Measured per run: the inputs' page-cache residency (mincore).
+            resident = _resident_fraction(ckpts, plan, writer.done_files)
+            if resident is not None and resident < RESIDENT_FOR_PARALLEL:
+                workers = 1
         try:
-            self._run(plan, ckpts, writer, progress, stats, workers)
+            self._run(plan, ckpts, writer, progress, stats, workers, self.threads or default_workers())
         finally:
             torch.set_num_threads(old_threads)
+        if resident is not None:
+            stats.notes.append(
+                f"cpu engine: inputs {resident:.0%} in the page cache"
+                + (" (read from disk: one compute thread)" if workers == 1 else "")
+            )
         return stats
 
-    def _run(self, plan, ckpts, writer, progress, stats: EngineStats, workers: int) -> None:
+    def _run(self, plan, ckpts, writer, progress, stats: EngineStats, workers: int, out_threads: int) -> None:
         opts = plan.options
         chunk = opts.chunk_bytes
         elems = opts.chunk_elems
@@ -126,7 +142,7 @@ class CpuEngine:
         # order). Every pool has a thread per core given; the slots bound the chunks in flight, so a stage that
         # falls behind blocks the ones feeding it and the kernel gives their cores to it: no core idles while another
         # stage is the bottleneck, and no thread count is tuned per machine.
-        output = OutputStage(plan, writer, stats, failure, report, workers, timers)
+        output = OutputStage(plan, writer, stats, failure, report, out_threads, timers)
         # Read-ahead (madvise WILLNEED) on a thread of its own, as each file's chunks are taken from the work list
         # (FileWindow: ``ahead`` chunks before they are dispatched): on a cold cache the call can block on the disk,
         # and the dispatching thread must not.
@@ -143,7 +159,7 @@ class CpuEngine:
         prefetch_thread = threading.Thread(target=prefetcher, name="sm-prefetch", daemon=True)
         prefetch_thread.start()
         compute_pool = ThreadPoolExecutor(workers, thread_name_prefix="sm-compute")
-        window = FileWindow(plan, skip, workers, output.backlog, prefetch_q.put, bound=output.hash_bound)
+        window = FileWindow(plan, skip, out_threads, output.backlog, prefetch_q.put, bound=output.hash_bound)
 
         def add(stage: str, dt: float) -> None:
             with timer_lock:
@@ -560,6 +576,65 @@ def _refs(ckpts, item: WorkItem) -> list[tuple[Checkpoint, TensorRef, int, int]]
         isz = ref.nbytes // max(1, ref.numel) if ref.numel else 0
         out.append((ckpts[role], ref, item.start * isz, item.stop * isz))
     return out
+
+
+# Compute threads beyond one only when at least this fraction of the inputs' pages is in the page cache.
+RESIDENT_FOR_PARALLEL = 0.9
+# Pages whose residency is sampled per input file (mincore over evenly spaced windows): bounded work on any model.
+RESIDENCY_SAMPLE_PAGES = 1 << 16
+
+
+def _resident_fraction(ckpts, plan: MergePlan, skip) -> float | None:
+    """The fraction of the input files' pages in the page cache (sampled with mincore over at most
+    RESIDENCY_SAMPLE_PAGES pages per file), or None where mincore is not available."""
+    libc = _libc_mincore()
+    if libc is None:
+        return None
+    page = mmap.PAGESIZE
+    resident = total = 0
+    seen: set[tuple[int, int]] = set()
+    for t in plan.tensors:
+        if t.file in skip:
+            continue
+        for role, ref in t.inputs():
+            ck = ckpts.get(role)
+            if ck is None or ref is None or (id(ck), ref.file) in seen:
+                continue
+            seen.add((id(ck), ref.file))
+            try:
+                m = ck.mapping(ref.file)
+            except (OSError, ValueError, StreamMergeError):
+                return None
+            pages = len(m) // page
+            if pages == 0:
+                continue
+            base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+            span = min(pages, 256)  # windows of 256 pages (1 MiB), spread evenly over the file
+            vec = (ctypes.c_ubyte * span)()
+            for p0 in range(0, pages, max(span, pages * span // RESIDENCY_SAMPLE_PAGES)):
+                n = min(span, pages - p0)
+                if libc(ctypes.c_void_p(base + p0 * page), ctypes.c_size_t(n * page), vec) != 0:
+                    return None
+                resident += sum(v & 1 for v in vec[:n])
+                total += n
+    return resident / total if total else None
+
+
+_MINCORE: list = []
+
+
+def _libc_mincore():
+    if not _MINCORE:
+        fn = None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.mincore
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _MINCORE.append(fn)
+    return _MINCORE[0]
 
 
 def _prefetch(ckpts, item: WorkItem) -> None:
