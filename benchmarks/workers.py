@@ -24,8 +24,11 @@ IO_BLOCK_BYTES = 8 << 20
 FILL_BYTE = 0x5A
 
 
-def floor(inputs: list[str], out_file: str, out_bytes: int) -> dict:
-    """Read ``inputs`` whole, then write and fsync ``out_bytes`` bytes to ``out_file`` (removed afterwards)."""
+def floor(inputs: list[str], out_file: str, out_bytes: int, method: str = "write") -> dict:
+    """Read ``inputs`` whole, then write and fsync ``out_bytes`` bytes to ``out_file`` (removed afterwards).
+
+    ``method``: "write" (sequential ``write`` calls into a new file, as dd does) or "pwrite" (the streaming writer's
+    own way: the file is first ``posix_fallocate``d to its final size, then filled with ``pwrite`` at offsets)."""
     buf = bytearray(IO_BLOCK_BYTES)
     view = memoryview(buf)
     t0 = time.perf_counter()
@@ -41,9 +44,15 @@ def floor(inputs: list[str], out_file: str, out_bytes: int) -> dict:
     block = bytes([FILL_BYTE]) * IO_BLOCK_BYTES
     fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        left = out_bytes
-        while left:
-            left -= os.write(fd, block[: min(left, IO_BLOCK_BYTES)])
+        if method == "pwrite":
+            os.posix_fallocate(fd, 0, out_bytes)
+            at = 0
+            while at < out_bytes:
+                at += os.pwrite(fd, block[: min(out_bytes - at, IO_BLOCK_BYTES)], at)
+        else:
+            left = out_bytes
+            while left:
+                left -= os.write(fd, block[: min(left, IO_BLOCK_BYTES)])
         t2 = time.perf_counter()
         os.fsync(fd)
     finally:
@@ -51,6 +60,7 @@ def floor(inputs: list[str], out_file: str, out_bytes: int) -> dict:
     t3 = time.perf_counter()
     os.unlink(out_file)
     return {
+        "method": method,
         "bytes_read": read,
         "bytes_written": out_bytes,
         "read_s": t1 - t0,
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p_floor = sub.add_parser("floor", help="read all inputs, write + fsync the output's byte count")
     p_floor.add_argument("--out-file", required=True)
     p_floor.add_argument("--out-bytes", type=int, required=True)
+    p_floor.add_argument("--method", choices=("write", "pwrite"), default="write")
     p_floor.add_argument("inputs", nargs="+")
     p_naive = sub.add_parser("naive", help="load_file x3 + torch + save_file")
     p_naive.add_argument("target")
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p_naive.add_argument("--alpha", type=float, default=1.0)
     args = parser.parse_args(argv)
     if args.worker == "floor":
-        result = floor(args.inputs, args.out_file, args.out_bytes)
+        result = floor(args.inputs, args.out_file, args.out_bytes, args.method)
     else:
         result = naive(args.target, args.sft, args.grpo, args.out_dir, args.alpha)
     print(json.dumps(result))

@@ -9,29 +9,34 @@ from __future__ import annotations
 import os
 
 # ------------------------------------------------------------------------------------------------ CPU engine
-# Output slots in flight between the compute thread and the writer thread: one being written, one being filled, one
-# spare to absorb jitter in write latency (each costs chunk_bytes of host memory).
-OUTPUT_SLOTS = 3
+# Output slots beyond one per compute thread: one being written and hashed, one spare to absorb jitter in write and
+# hash latency (each slot costs chunk_bytes of host memory).
+SPARE_OUTPUT_SLOTS = 2
+# The output slots of a one-thread engine: one being computed, one being written, a spare (as before issue 15).
+OUTPUT_SLOTS = 1 + SPARE_OUTPUT_SLOTS
 # Sub-block of a chunk processed by one pass of torch ops: 1 Mi elements keep each fp32 temporary at 4 MiB, near
 # L2/L3, so the ~8 elementwise passes of the contract mostly run from cache (measured, 2-core dev machine, 64 Mi
 # bf16 elements: 64 Ki 286, 256 Ki 418, 1 Mi 493, 4 Mi 102 Melem/s; 4 Mi falls out of cache and into mmap-backed
 # allocations).
 SUB_BLOCK_ELEMS = 1024 * 1024
-# Compute workers by default: one core is left to the writer thread, whose pwrite (page-cache copy) and SHA-256 cost
-# about as much CPU as the merge math; beyond ~8 workers the elementwise math is bound by memory bandwidth.
-MAX_DEFAULT_WORKERS = 8
 
 
 def default_workers() -> int:
-    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 2) - 1))
+    """Compute threads by default: one per core this process may run on. The CPU engine's writes and SHA-256 run on
+    output threads beside them; the kernel shares the cores among whichever stage has work (engines/cpu.py)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
-def output_slots(outputs: int = 1) -> int:
-    """Output slots for ``outputs`` outputs per pass. A sweep's chunk takes one slot per output at once; two chunks'
-    worth plus a spare let the next chunk be computed while the writer drains the previous one (with only one
-    chunk's worth the compute thread and the writer took turns: measured 32 s instead of ~20 s for a 3-alpha sweep
-    of 2 GB checkpoints on the 2-core machine)."""
-    return OUTPUT_SLOTS if outputs <= 1 else 2 * outputs + 1
+def output_slots(outputs: int = 1, workers: int = 1) -> int:
+    """Output slots for ``outputs`` outputs per pass and ``workers`` compute threads: a chunk being computed per
+    thread, plus one chunk's worth being written and hashed and a spare. A sweep's chunk takes one slot per output
+    at once (with only one chunk's worth the compute thread and the writer took turns: measured 32 s instead of
+    ~20 s for a 3-alpha sweep of 2 GB checkpoints on the 2-core machine)."""
+    per_chunk = max(1, outputs)
+    return (max(1, workers) + 1) * per_chunk + (SPARE_OUTPUT_SLOTS - 1 if per_chunk == 1 else 1)
 
 
 def scratch_buffers(outputs: int = 1, vectors: int = 1) -> int:
@@ -48,12 +53,12 @@ def host_buffer_bytes(
     fp8_sub_elems: int = 0,
     scale_bytes: int = 0,
 ) -> int:
-    """Anonymous memory the CPU engine allocates: output slots, plus per worker its fp32 sub-block buffers and the
-    temporaries of one sub-block's torch ops, plus with block-scaled FP8 tensors :func:`fp8_buffer_bytes`.
-    Independent of tensor and model size."""
+    """Anonymous memory the CPU engine allocates: output slots (:func:`output_slots`), plus per worker its fp32
+    sub-block buffers and the temporaries of one sub-block's torch ops, plus with block-scaled FP8 tensors
+    :func:`fp8_buffer_bytes`. Independent of tensor and model size."""
     workers = workers or default_workers()
     sub = min(SUB_BLOCK_ELEMS, max(1, chunk_bytes // 4))
-    plain = output_slots(outputs) * chunk_bytes + workers * (scratch_buffers(outputs, vectors) + 2) * sub * 4
+    plain = output_slots(outputs, workers) * chunk_bytes + workers * (scratch_buffers(outputs, vectors) + 2) * sub * 4
     return plain + fp8_buffer_bytes(workers, fp8_sub_elems, outputs, scale_bytes)
 
 
@@ -75,7 +80,8 @@ def fp8_buffer_bytes(workers: int, fp8_sub_elems: int, outputs: int = 1, scale_b
     one per output slot in flight and one being filled, per output (``scale_bytes``: the largest scale tensor)."""
     if not fp8_sub_elems:
         return 0
-    return workers * FP8_SCRATCH_BUFFERS * fp8_sub_elems * 4 + (output_slots(outputs) + 1) * outputs * scale_bytes
+    held = (output_slots(outputs, workers) + 1) * outputs * scale_bytes
+    return workers * FP8_SCRATCH_BUFFERS * fp8_sub_elems * 4 + held
 
 
 # ----------------------------------------------------------------------------------------------- CUDA engine

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,8 +42,13 @@ class Sink(Protocol):
     """Where an engine sends output bytes: :class:`OutputWriter` (disk), :class:`NullWriter` (discard, optionally
     hashing) and :class:`SweepWriter` (one writer per output of a sweep). Engines use only these members.
 
-    Chunks arrive at their final offsets. ``write(..., hashed=True)`` says the caller already fed the same bytes to
-    :meth:`digest` (in offset order, on a thread of its own); without it the sink hashes them itself.
+    Chunks arrive at their final offsets. ``write(..., hashed=True)`` says the caller feeds the same bytes to
+    :meth:`digest` itself; without it the sink hashes them itself.
+
+    Threads: ``write`` may be called from several threads at once, for any files, in any order (the engines write on
+    a pool, engines/output.py). ``digest`` calls for one file come in offset order and never overlap each other
+    (one hash stream per file); different files' digests may run at once. ``finish_file`` is called for one file
+    at a time, after every write and digest of that file returned.
     """
 
     done_files: set[int]  # files already complete (resume): no work for them
@@ -232,6 +238,7 @@ class OutputWriter:
         self._others: frozenset[int] = frozenset(range(n)) - share.files if share is not None else frozenset()
         self.notes: list[str] = []
         self.bytes_written = 0
+        self._count_lock = threading.Lock()  # bytes_written: writes come from several threads
         self._created: set[int] = set()  # temporaries this run created (the only ones abort removes)
         self._record_is_ours = False  # this run created its part record
 
@@ -501,7 +508,8 @@ class OutputWriter:
 
     def write(self, file: int, offset: int, data, out: int | None = None, *, hashed: bool = False) -> None:
         """Write ``data`` (any buffer) at absolute ``offset`` of output file ``file`` (``out``: see `SweepWriter`).
-        ``hashed``: the caller already fed these bytes to :meth:`digest` (an engine hashing on another thread)."""
+        ``hashed``: the caller feeds these bytes to :meth:`digest` itself (an engine hashing on another thread).
+        Safe from several threads at once."""
         fd = self._fds[file]
         if fd is None:
             raise OutputError(f"{self.plan.files[file].name}: written after it was finished (internal error)")
@@ -509,15 +517,15 @@ class OutputWriter:
             n = self._pwrite_all(fd, data, offset)
         except OSError as e:
             raise self._write_error(self.plan.files[file].name, e) from None
-        self.bytes_written += n
+        with self._count_lock:
+            self.bytes_written += n
         if not hashed:
             self.digest(file, offset, data)
 
     def digest(self, file: int, offset: int, data, out: int | None = None) -> None:
         """Feed ``data`` (about to be written at ``offset``) to the file's SHA-256. Chunks come in offset order, so
         the checksum is computed as the data passes; anything out of order makes ``finish_file`` re-read the file.
-        An engine may call this from its compute thread (then writing with ``hashed=True``) to keep the hashing off
-        the writer thread, which on small machines is the bottleneck."""
+        The engines call it from the file's hash stream (engines/output.py), beside the writes (``hashed=True``)."""
         n = memoryview(data).nbytes
         if self._sequential[file] and offset == self._cursor[file]:
             self._hash[file].update(data)
@@ -542,7 +550,8 @@ class OutputWriter:
             os.replace(self._temps[file], self.out_dir / f.name)
         except OSError as e:
             raise self._write_error(f.name, e) from None
-        self.bytes_written += len(f.header)
+        with self._count_lock:
+            self.bytes_written += len(f.header)
         self.shards[f.name] = {"size": f.size, "sha256": digest}
         self._write_manifest(STATE_IN_PROGRESS)
         crash_point(f"shard:{file}")
@@ -646,6 +655,7 @@ class NullWriter:
         self.done_files: set[int] = set(range(len(plan.files))) - set(files) if files is not None else set()
         self.notes: list[str] = ["sink: null (output discarded)"]
         self.bytes_written = 0
+        self._count_lock = threading.Lock()
 
     def open(self) -> None:
         for i, f in enumerate(self.plan.files):
@@ -653,7 +663,8 @@ class NullWriter:
                 self._hash[i].update(f.header)
 
     def write(self, file: int, offset: int, data, out: int | None = None, *, hashed: bool = False) -> None:
-        self.bytes_written += memoryview(data).nbytes
+        with self._count_lock:
+            self.bytes_written += memoryview(data).nbytes
         if not hashed:
             self.digest(file, offset, data)
 
@@ -664,7 +675,8 @@ class NullWriter:
 
     def finish_file(self, file: int) -> None:
         f = self.plan.files[file]
-        self.bytes_written += len(f.header)
+        with self._count_lock:
+            self.bytes_written += len(f.header)
         h = self._hash[file]
         self.shards[f.name] = {"size": f.size, "sha256": h.hexdigest() if h is not None else ""}
 

@@ -404,6 +404,25 @@ def test_sim_engine_resume_skips_finished_shards(mixed_trio, cpu_outputs, tmp_pa
     assert report.bytes_written < full.bytes_written  # only the missing shard was computed
 
 
+@pytest.mark.parametrize("files", [1, 3])
+def test_sim_engine_several_output_files_in_flight(mixed_trio, cpu_outputs, tmp_path, monkeypatch, files) -> None:
+    """Output files in flight (their SHA-256 streams side by side, engines/output.py): 1 is output order, 3 takes
+    three files' chunks in turn; the bytes and the recorded checksums are the CPU engine's either way."""
+    sim = ce.SimBackend(seed=20 + files, kernel="reference")
+    # output_rate: 1 B/s asks for one hash stream; 1e15 B/s for as many as threads and files allow
+    engine = ce.CudaEngine(
+        window_bytes=WINDOW, register_ahead_bytes=AHEAD, backend=sim, output_threads=files,
+        output_rate=1.0 if files == 1 else 1e15,
+    )  # fmt: skip
+    _with_engine(monkeypatch, engine)
+    report = streammerge.merge(*mixed_trio, tmp_path / "out", **MERGE_KW)
+    assert _shards(tmp_path / "out") == cpu_outputs["default"]
+    assert report.shard_sha256 == cpu_outputs["default"]
+    n = min(files, len(cpu_outputs["default"]))
+    assert any(f"{n} output file(s) in flight" in w for w in report.warnings), report.warnings
+    _check_sim_clean(sim, report.warnings)
+
+
 @pytest.fixture(scope="module")
 def resized_trio(tmp_path_factory) -> tuple[Path, Path, Path]:
     """The target's vocabulary grew by 7 rows (embedding in bf16, head in fp16 vs sft/grpo in bf16)."""

@@ -1,11 +1,16 @@
-"""The CPU engine: a prefetch thread, torch's threads for the math, a writer thread, all overlapping.
+"""The CPU engine: compute threads for the math (a chunk per task), output threads for the writes and the SHA-256
+of each output file (engines/output.py), all overlapping, as many of each as cores given.
 
-Work is ordered by output offset, which follows the target's file order. Host memory is a fixed set of buffers
-sized by ``chunk_bytes``; input pages are mapped read-only and dropped from this process behind the work.
+Work follows output order within a window of output files (FileWindow: more files in flight when hash streams back
+up). Host memory is a fixed set of buffers sized by ``chunk_bytes``; input pages are mapped read-only, read ahead of
+the work and dropped from this process behind it.
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
+import mmap
 import queue
 import threading
 import time
@@ -24,12 +29,12 @@ from ..kernels.reference import OUT_DTYPES, dequantize_fp8, requantize_fp8, roun
 from ..memory import rss_anon
 from ..plan import MergePlan, Op, OutTensor, fp8_sub_block
 from ..writer import Sink
+from .output import FileWindow, OutputStage, Piece
 from .stats import EngineStats, Progress, ProgressCounter
-from .work import (
+from .work import (  # iter_work: verify.py takes it from here
     FirstFailure,
     WorkItem,
-    finish_chunk,
-    iter_work,
+    iter_work,  # noqa: F401
     out_bytes,
     out_offset,
     record_nonfinite,
@@ -37,9 +42,6 @@ from .work import (
     work_bytes,
     work_tensors,
 )
-
-# Chunks the prefetch thread may run ahead of the compute thread.
-PREFETCH_AHEAD = 2
 
 
 @dataclass
@@ -80,211 +82,201 @@ class CpuEngine:
         progress: Callable[[Progress], None] | None = None,
     ) -> EngineStats:
         stats = EngineStats(device="cpu")
-        # Parallelism comes from our own worker threads, each running single-threaded torch ops on its own
-        # sub-blocks: torch ops release the GIL, and unlike torch's OpenMP pool nothing spins at a barrier when the
+        # Parallelism comes from our own threads, each running single-threaded torch ops on its own chunk: torch ops,
+        # hashlib and pwrite release the GIL, and unlike torch's OpenMP pool nothing spins at a barrier when the
         # machine is busy (measured on the 2-core machine under load: 2 OpenMP threads ran 4-6x slower than 1).
         old_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         workers = self.threads or default_workers()
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="sm-compute") if workers > 1 else None
+        resident = None
+        if self.threads is None and workers > 1:
+            # Inputs read from disk: one compute thread. Page faults from several compute threads at once defeat the
+            # kernel's read-ahead (measured, 8 GB trio whose 23 GB of inputs the page cache could not keep: 143 s
+            # with 2 compute threads, 47 s with 1, 88 s with the engine before issue 15), and the disk is the floor
+            # there anyway. Measured per run: the inputs' page-cache residency (mincore).
+            resident = _resident_fraction(ckpts, plan, writer.done_files)
+            if resident is not None and resident < RESIDENT_FOR_PARALLEL:
+                workers = 1
         try:
-            self._run(plan, ckpts, writer, progress, stats, pool, workers)
+            self._run(plan, ckpts, writer, progress, stats, workers, self.threads or default_workers())
         finally:
             torch.set_num_threads(old_threads)
-            if pool is not None:
-                pool.shutdown(wait=True)
-        stats.notes.append(f"cpu engine: {workers} compute worker(s) + writer thread")
+        if resident is not None:
+            stats.notes.append(
+                f"cpu engine: inputs {resident:.0%} in the page cache"
+                + (" (read from disk: one compute thread)" if workers == 1 else "")
+            )
         return stats
 
-    def _run(self, plan, ckpts, writer, progress, stats: EngineStats, pool, workers: int) -> None:
+    def _run(self, plan, ckpts, writer, progress, stats: EngineStats, workers: int, out_threads: int) -> None:
         opts = plan.options
         chunk = opts.chunk_bytes
         elems = opts.chunk_elems
         n_out = plan.outputs
-        n_slots = output_slots(n_out)
+        n_slots = output_slots(n_out, workers)
         slots = [torch.empty(chunk, dtype=torch.uint8) for _ in range(n_slots)]
         sub = min(SUB_BLOCK_ELEMS, elems)
         n_buf = scratch_buffers(n_out, plan.max_vectors)
         scratch = [tuple(torch.empty(sub) for _ in range(n_buf)) for _ in range(workers)]
         fp8_scratch = [Fp8Scratch.allocate(plan.fp8_sub_elems) for _ in range(workers)] if plan.fp8_sub_elems else None
-        # An FP8 output's new block scales, per output: filled band by band, written after the weight's last band
-        # (each a fresh tensor: the writer thread may still hold the previous weight's).
-        scales_of: list[torch.Tensor] = []
+        # Each compute task takes a worker's buffers from here (as many sets as compute threads: never waits).
+        free_scratch: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for k in range(workers):
+            free_scratch.put(k)
+        # An FP8 output's new block scales, per tensor and output: filled band by band (by any worker), written
+        # after the weight's last band (each a fresh tensor: the previous weight's may still be in flight).
+        scales_of: dict[int, list[torch.Tensor]] = {}
         free_slots: queue.Queue[int] = queue.Queue()
         for i in range(n_slots):
             free_slots.put(i)
-        write_q: queue.Queue = queue.Queue(maxsize=n_slots + 8)
-        prefetch_q: queue.Queue = queue.Queue(maxsize=PREFETCH_AHEAD)
         failure = FirstFailure()
-        stop = threading.Event()
         t_target = ckpts.get("target")
-        # Output chunks are hashed on this (compute) thread, in output order: the writer thread only writes
-        # (``hashed=True``).
         skip = writer.done_files
         total_bytes = work_bytes(plan, skip)
         total_tensors = work_tensors(plan, skip)
-        timers = {"compute": 0.0, "write": 0.0, "wait_slot": 0.0}
-
-        def refs(item: WorkItem) -> list[tuple[Checkpoint, TensorRef, int, int]]:
-            t = item.tensor
-            if t is None:
-                return []
-            if item.op is Op.COPY:
-                return [(t_target, t.target, item.start, item.stop)]
-            out = []
-            for role, ref in t.inputs(item.op):
-                isz = ref.nbytes // max(1, ref.numel) if ref.numel else 0
-                out.append((ckpts[role], ref, item.start * isz, item.stop * isz))
-            return out
-
-        def hand_over(item) -> bool:
-            """Queue ``item`` for the compute thread unless the merge is stopping (never blocks forever)."""
-            while not stop.is_set():
-                try:
-                    prefetch_q.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        timers: dict[str, float] = {"compute": 0.0, "wait_slot": 0.0}
+        timer_lock = threading.Lock()
+        report = ProgressCounter(stats, progress, total_bytes, total_tensors)
+        # Three kinds of work share the cores: the math (compute pool, a chunk per task), the writes (output pool,
+        # any order) and the SHA-256 of each output file (output pool, one thread per file at a time, in offset
+        # order). Every pool has a thread per core given; the slots bound the chunks in flight, so a stage that
+        # falls behind blocks the ones feeding it and the kernel gives their cores to it: no core idles while another
+        # stage is the bottleneck, and no thread count is tuned per machine.
+        output = OutputStage(plan, writer, stats, failure, report, out_threads, timers)
+        # Read-ahead (madvise WILLNEED) on a thread of its own, as each file's chunks are taken from the work list
+        # (FileWindow: ``ahead`` chunks before they are dispatched): on a cold cache the call can block on the disk,
+        # and the dispatching thread must not.
+        prefetch_q: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
 
         def prefetcher() -> None:
+            while (it := prefetch_q.get()) is not None:
+                if failure.exc is None:
+                    try:
+                        _prefetch(ckpts, it)
+                    except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                        failure.set(e)
+
+        prefetch_thread = threading.Thread(target=prefetcher, name="sm-prefetch", daemon=True)
+        prefetch_thread.start()
+        compute_pool = ThreadPoolExecutor(workers, thread_name_prefix="sm-compute")
+        window = FileWindow(plan, skip, out_threads, output.backlog, prefetch_q.put, bound=output.hash_bound)
+
+        def add(stage: str, dt: float) -> None:
+            with timer_lock:
+                timers[stage] += dt
+
+        def release_inputs(item: WorkItem) -> None:
+            t = item.tensor
+            for ck, ref, a, b in _refs(ckpts, item):
+                ck.release(ref, a, b)
+            if t is not None and item.last_of_tensor:  # an FP8 weight's scales are read by every band: dropped after
+                for role, scale in t.scales.items():
+                    ckpts[role].release(scale.ref, 0, scale.ref.nbytes)
+
+        def compute(seq: int, item: WorkItem, ids: list[int], band_scales, new_scales) -> None:
+            t = item.tensor
+            done = False
             try:
-                for item in iter_work(plan, skip):
-                    for ck, ref, a, b in refs(item):
-                        ck.prefetch(ref, a, b)
-                    if not hand_over(item):
-                        return
-                hand_over(None)
+                failure.check()
+                t0 = time.perf_counter()
+                k = free_scratch.get()
+                try:
+                    n_in = self.compute_chunk(
+                        t,
+                        item,
+                        ckpts,
+                        [slots[i] for i in ids],
+                        [scratch[k]],
+                        opts,
+                        stats,
+                        None,
+                        band_scales,
+                        [fp8_scratch[k]] if fp8_scratch is not None else None,
+                    )
+                finally:
+                    free_scratch.put(k)
+                add("compute", time.perf_counter() - t0)
+                pieces: list[Piece] = []
+                if item.stop > item.start:
+                    many = len(ids) > 1
+                    at = t.offset + out_offset(t, item)
+                    nb = out_bytes(t, item)
+                    pieces = [Piece(at, slots[i][:nb].numpy(), k if many else None) for k, i in enumerate(ids)]
+                    pieces += [
+                        Piece(t.scale_out.offset, _bytes_of(sc), k if many else None, after=True)
+                        for k, sc in enumerate(new_scales)
+                    ]
+
+                def on_done() -> None:
+                    for i in ids:
+                        free_slots.put(i)
+                    release_inputs(item)
+
+                output.submit(seq, item, pieces, n_in, on_done)
+                done = True
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 failure.set(e)
-                hand_over(None)
+            finally:
+                if not done:
+                    for i in ids:
+                        free_slots.put(i)
 
-        report = ProgressCounter(stats, progress, total_bytes, total_tensors)
-
-        def write_loop() -> None:
+        def take_slot() -> int:
             while True:
-                job = write_q.get()
-                if job is None:
-                    return
-                if failure.exc is not None:
-                    if job[0] == "slot":
-                        for sid in job[1]:
-                            free_slots.put(sid)
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    kind, payload, item, nbytes_in, new_scales = job
-                    t = item.tensor
-                    if t is not None and item.stop > item.start:
-                        if kind == "slot":
-                            for k, sid in enumerate(payload):
-                                data = slots[sid][: out_bytes(t, item)]
-                                out = k if len(payload) > 1 else None
-                                writer.write(t.file, t.offset + out_offset(t, item), data.numpy(), out=out, hashed=True)
-                                del data
-                                if k < len(payload) - 1:
-                                    free_slots.put(sid)  # written: back to the compute thread at once
-                                    payload[k] = -1
-                            for k, sc in enumerate(new_scales):  # right after the weight: still in offset order
-                                out = k if len(new_scales) > 1 else None
-                                writer.write(t.file, t.scale_out.offset, _bytes_of(sc), out=out, hashed=True)
-                        else:
-                            writer.write(t.file, t.offset + item.start, payload.numpy(), hashed=True)
-                            del payload
-                        for ck, ref, a, b in refs(item):
-                            ck.release(ref, a, b)
-                        if item.last_of_tensor:  # an FP8 weight's scales are read by every band: dropped after
-                            for role, scale in t.scales.items():
-                                ckpts[role].release(scale.ref, 0, scale.ref.nbytes)
-                    written = finish_chunk(plan, writer, stats, item)
-                    timers["write"] += time.perf_counter() - t0
-                    report(nbytes_in + written, t if item.last_of_tensor else None, written)
-                except BaseException as e:  # noqa: BLE001
-                    failure.set(e)
-                finally:
-                    if job[0] == "slot":
-                        for sid in job[1]:
-                            if sid >= 0:
-                                free_slots.put(sid)
-
-        threads = [
-            threading.Thread(target=prefetcher, name="sm-prefetch", daemon=True),
-            threading.Thread(target=write_loop, name="sm-writer", daemon=True),
-        ]
-        for th in threads:
-            th.start()
-        peak = rss_anon()
-        try:
-            while True:
-                item = prefetch_q.get()
                 failure.check()
-                if item is None:
-                    break
+                try:
+                    return free_slots.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+
+        peak = rss_anon()
+        futures: collections.deque = collections.deque()
+        try:
+            for item in window:
+                failure.check()
                 t = item.tensor
                 stats.chunks += 1
+                seq = output.reserve(item)
                 if t is None or item.op is Op.COPY:
                     view = t_target.view(t.target, item.start, item.stop) if t is not None else None
                     n_in = item.stop - item.start
-                    if view is not None and n_in:
-                        writer.digest(t.file, t.offset + item.start, view.numpy())
-                    self._put(write_q, ("view", view, item, n_in, ()), failure)
+                    pieces = [Piece(t.offset + item.start, view.numpy())] if view is not None and n_in else []
+                    output.submit(seq, item, pieces, n_in, lambda item=item: release_inputs(item))
                     continue
                 t0 = time.perf_counter()
                 # A sweep's chunk takes one slot per output, unless every output gets the same bytes.
-                ids = []
-                for _ in range(n_out if item.op is Op.MERGE and t.outputs_differ else 1):
-                    ids.append(free_slots.get())
-                timers["wait_slot"] += time.perf_counter() - t0
-                failure.check()
-                t0 = time.perf_counter()
+                ids = [take_slot() for _ in range(n_out if item.op is Op.MERGE and t.outputs_differ else 1)]
+                add("wait_slot", time.perf_counter() - t0)
                 if t.fp8_out and item.start == 0:
-                    scales_of = [torch.empty(t.scale_out.shape, dtype=OUT_DTYPES[t.scale_out.dtype]) for _ in ids]
-                band_scales = [sc[slice(*scale_rows(t, item))] for sc in scales_of] if t.fp8_out else None
-                outs = [slots[i] for i in ids]
-                n_in = self.compute_chunk(
-                    t, item, ckpts, outs, scratch, plan.options, stats, pool, band_scales, fp8_scratch
-                )
-                new_scales: tuple[torch.Tensor, ...] = ()
-                if item.stop > item.start:
-                    for k, sid in enumerate(ids):
-                        data = slots[sid][: out_bytes(t, item)].numpy()
-                        writer.digest(t.file, t.offset + out_offset(t, item), data, out=k if len(ids) > 1 else None)
-                    if t.fp8_out and item.last_of_tensor:
-                        new_scales = tuple(scales_of)
-                        for k, sc in enumerate(new_scales):
-                            writer.digest(t.file, t.scale_out.offset, _bytes_of(sc), out=k if len(ids) > 1 else None)
-                timers["compute"] += time.perf_counter() - t0
-                self._put(write_q, ("slot", ids, item, n_in, new_scales), failure)
+                    dtype = OUT_DTYPES[t.scale_out.dtype]
+                    scales_of[id(t)] = [torch.empty(t.scale_out.shape, dtype=dtype) for _ in ids]
+                band_scales = [sc[slice(*scale_rows(t, item))] for sc in scales_of[id(t)]] if t.fp8_out else None
+                new_scales = tuple(scales_of.pop(id(t))) if t.fp8_out and item.last_of_tensor else ()
+                futures.append(compute_pool.submit(compute, seq, item, ids, band_scales, new_scales))
+                while futures and futures[0].done():
+                    futures.popleft()
                 peak = max(peak, rss_anon())  # ~20 us per chunk
-            write_q.put(None)
-            threads[1].join()
+            compute_pool.shutdown(wait=True)
             failure.check()
+            output.drain()
+            prefetch_q.put(None)
+            prefetch_thread.join()
         except BaseException:
-            stop.set()
             failure.set(StreamMergeError("merge interrupted"))
-            # Unblock and drain the helper threads before the caller removes temporary files.
-            try:
-                while True:
-                    prefetch_q.get_nowait()
-            except queue.Empty:
-                pass
-            write_q.put(None)
-            for th in threads:
-                th.join()  # after a failure they only drain; the caller removes temporaries once they are done
+            # Let the helper threads run out (after a failure they only give buffers back) before the caller
+            # removes temporary files.
+            compute_pool.shutdown(wait=True, cancel_futures=True)
+            output.shutdown()
+            prefetch_q.put(None)
+            prefetch_thread.join()
             raise
         peak = max(peak, rss_anon())
         stats.peak_rss_anon = peak
-        stats.stage_seconds = timers
-
-    @staticmethod
-    def _put(q: queue.Queue, job, failure: FirstFailure) -> None:
-        while True:
-            failure.check()
-            try:
-                q.put(job, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        stats.stage_seconds = dict(timers)
+        stats.notes.append(
+            f"cpu engine: {workers} compute worker(s) + {output.threads} output thread(s) (writes, SHA-256 per file); "
+            f"up to {window.max_open} output file(s) in flight, {output.max_hashing} hashed at once"
+        )
 
     @staticmethod
     def compute_chunk(
@@ -570,6 +562,86 @@ def _difference(load, pair, sc: Fp8Scratch, r0: int, r1: int, c0: int, c1: int, 
             fin.logical_and_(torch.isfinite(m))
         p.sub_(m)  # g32 - s32
     return p
+
+
+def _refs(ckpts, item: WorkItem) -> list[tuple[Checkpoint, TensorRef, int, int]]:
+    """What one chunk reads: (checkpoint, tensor, byte range) per input."""
+    t = item.tensor
+    if t is None:
+        return []
+    if item.op is Op.COPY:
+        return [(ckpts["target"], t.target, item.start, item.stop)]
+    out = []
+    for role, ref in t.inputs(item.op):
+        isz = ref.nbytes // max(1, ref.numel) if ref.numel else 0
+        out.append((ckpts[role], ref, item.start * isz, item.stop * isz))
+    return out
+
+
+# Compute threads beyond one only when at least this fraction of the inputs' pages is in the page cache.
+RESIDENT_FOR_PARALLEL = 0.9
+# Pages whose residency is sampled per input file (mincore over evenly spaced windows): bounded work on any model.
+RESIDENCY_SAMPLE_PAGES = 1 << 16
+
+
+def _resident_fraction(ckpts, plan: MergePlan, skip) -> float | None:
+    """The fraction of the input files' pages in the page cache (sampled with mincore over at most
+    RESIDENCY_SAMPLE_PAGES pages per file), or None where mincore is not available."""
+    libc = _libc_mincore()
+    if libc is None:
+        return None
+    page = mmap.PAGESIZE
+    resident = total = 0
+    seen: set[tuple[int, int]] = set()
+    for t in plan.tensors:
+        if t.file in skip:
+            continue
+        for role, ref in t.inputs():
+            ck = ckpts.get(role)
+            if ck is None or ref is None or (id(ck), ref.file) in seen:
+                continue
+            seen.add((id(ck), ref.file))
+            if ck.gate is not None:  # a streamed shard, not on disk yet: it arrives through the page cache
+                continue
+            try:
+                m = ck.mapping(ref.file)
+            except (OSError, ValueError, StreamMergeError):
+                return None
+            pages = len(m) // page
+            if pages == 0:
+                continue
+            base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+            span = min(pages, 256)  # windows of 256 pages (1 MiB), spread evenly over the file
+            vec = (ctypes.c_ubyte * span)()
+            for p0 in range(0, pages, max(span, pages * span // RESIDENCY_SAMPLE_PAGES)):
+                n = min(span, pages - p0)
+                if libc(ctypes.c_void_p(base + p0 * page), ctypes.c_size_t(n * page), vec) != 0:
+                    return None
+                resident += sum(v & 1 for v in vec[:n])
+                total += n
+    return resident / total if total else None
+
+
+_MINCORE: list = []
+
+
+def _libc_mincore():
+    if not _MINCORE:
+        fn = None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.mincore
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _MINCORE.append(fn)
+    return _MINCORE[0]
+
+
+def _prefetch(ckpts, item: WorkItem) -> None:
+    for ck, ref, a, b in _refs(ckpts, item):
+        ck.prefetch(ref, a, b)
 
 
 def _typed_view(ck: Checkpoint, ref: TensorRef, a: int, b: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...budget import DEFAULT_DEVICE_SLOTS, DEFAULT_WINDOW_BYTES
+from ...budget import DEFAULT_DEVICE_SLOTS, DEFAULT_WINDOW_BYTES, default_workers
 from ...checkpoint import Checkpoint, TensorRef
 from ...dtypes import itemsize
 from ...errors import EngineError, OptionsError, StreamMergeError
@@ -29,12 +29,11 @@ from ...kernels.reference import OUT_DTYPES
 from ...memory import rss_anon
 from ...plan import MergePlan, Op, OutTensor, fp8_device_buffers
 from ...writer import Sink
+from ..output import OutputStage, Piece, hash_files_for, interleave
 from ..stats import EngineStats, Progress, ProgressCounter
 from ..work import (
     FirstFailure,
     WorkItem,
-    finish_chunk,
-    iter_work,
     out_bytes,
     out_offset,
     record_nonfinite,
@@ -74,6 +73,9 @@ DEFAULT_COPY_THREADS = 8
 DEFAULT_REGISTER_THREADS = 2
 # Smallest piece of a staging copy given to one thread: below ~1 MiB the hand-off costs more than the copy.
 STAGING_PIECE_MIN = 2**20
+# Output bytes per second the device pipeline can deliver: 67-70 GB/s moved with 4 tensors per element on the H200
+# machine (docs/hardware.md), a quarter of it output. The output files in flight are sized to hash this.
+DEVICE_OUTPUT_RATE = 17e9
 # Seconds the issuing thread waits for the writer thread to drain after a failure before it goes on cleaning up.
 WRITER_JOIN_TIMEOUT_S = 30
 
@@ -104,6 +106,10 @@ class CudaEngine:
         profile (`bool`): time every H2D, kernel and D2H with CUDA events and report busy time per stage and
             their overlap in ``stage_seconds`` (benchmarks; a few µs per chunk).
         backend (`Backend`, *optional*): the device (:class:`CudaBackend` by default; :class:`SimBackend` for tests).
+        output_threads (`int`, *optional*): threads writing and hashing the output (one per core by default).
+        output_rate (`float`): output bytes per second the pipeline should be able to hash: the number of output
+            files in flight (SHA-256 streams) is this over one core's measured SHA-256 rate, at most one per output
+            thread and per file (``output.hash_files_for``).
 
     Raises:
         [`OptionsError`]: a non-positive size or too few slots.
@@ -130,6 +136,8 @@ class CudaEngine:
         device=None,
         profile: bool = False,
         backend: Backend | None = None,
+        output_threads: int | None = None,
+        output_rate: float = DEVICE_OUTPUT_RATE,
     ):
         if chunk_bytes is not None and chunk_bytes < 4096:
             raise OptionsError(f"CUDA engine: chunk_bytes must be at least 4096, got {chunk_bytes}")
@@ -150,6 +158,8 @@ class CudaEngine:
         self.device = device
         self.profile = profile
         self.backend = backend
+        self.output_threads = output_threads
+        self.output_rate = output_rate
 
     def run(
         self,
@@ -182,10 +192,11 @@ class CudaEngine:
 # ---------------------------------------------------------------------------------------------- what a run reads
 @dataclass
 class GpuWork:
-    """What one run reads: every chunk in output order, the ones computed on the GPU, and the windows over them.
+    """What one run reads: every chunk in work order, the ones computed on the GPU, and the windows over them.
 
     Attributes:
-        items (`list[WorkItem]`): every chunk of the files to write, in output order.
+        items (`list[WorkItem]`): every chunk of the files to write, in work order (each file's in output order; a
+            window of files in turn, ``plan_gpu_work``).
         gpu_items (`list[WorkItem]`): the MERGE and CONVERT chunks (GPU chunk ``g`` is ``gpu_items[g]``).
         canon (`dict[str, str]`): role -> the role whose checkpoint (and mappings) it shares.
         maps / bases (`dict[Key, ...]`): each file key's read-only mapping and its address.
@@ -216,11 +227,14 @@ def plan_gpu_work(
     skip: set[int] | frozenset[int],
     window_bytes: int,
     ahead_bytes: int,
+    files: int = 1,
 ) -> GpuWork:
     """The chunks of ``plan`` (files in ``skip`` left out), what each GPU chunk reads and the windows over it.
 
-    Maps every input file a GPU chunk reads (``Checkpoint.mapping``)."""
-    items = list(iter_work(plan, skip))
+    ``files`` output files are in flight at once, their chunks taken in turn (``output.interleave``: each file's
+    SHA-256 stream then runs beside the others'); 1: output order. Maps every input file a GPU chunk reads
+    (``Checkpoint.mapping``)."""
+    items = list(interleave(plan, skip, files))
     gpu_items = [item for item in items if on_gpu(item)]
     canon = canonical_roles(ckpts)
     sources = chunk_sources(gpu_items, canon)
@@ -385,19 +399,16 @@ class _Job:
 
 # ---------------------------------------------------------------------------------------------- the writer thread
 class _WriterThread:
-    """Drains finished chunks in order: waits for a slot's D2H, writes it (hashing beside the write), gives the slot
-    back, and tells the window thread which windows the writer is done with."""
+    """Drains finished chunks in order: waits for a slot's D2H, tells the window thread which windows the chunk is
+    done with, and hands the slot's bytes to the output stage (engines/output.py: written on a pool, hashed per file
+    in offset order); the slot goes back once they are written and hashed."""
 
     def __init__(self, run: _Run):
         self.run = run
         self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=run.host_slots + 8)
-        # The output's SHA-256 is computed beside the pwrite rather than after it (hashlib and pwrite both release
-        # the GIL): on the way to disk the writer thread is the critical path, and hashing ~2 GB/s on one core is as
-        # slow as the page-cache copy. Every sink declares ``digest`` (the Sink protocol, writer.py).
-        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="sm-digest")
-        # An FP8 output's new block scales, per output: filled band by band, written after the weight's last band
-        # (the scales follow their weight in the file, and every sink hashes in offset order).
-        self.scales: list[torch.Tensor] = []
+        # An FP8 output's new block scales, per tensor and output: filled band by band, written after the weight's
+        # last band (the scales follow their weight in the file, and every file is hashed in offset order).
+        self.scales: dict[int, list[torch.Tensor]] = {}
         self.thread = threading.Thread(target=self._loop, name="sm-writer", daemon=True)
 
     def put(self, job: _Job) -> None:
@@ -414,13 +425,13 @@ class _WriterThread:
         """Drop every queued job (after a failure), then tell the thread to stop."""
         try:
             while True:
-                self.queue.get_nowait()
+                job = self.queue.get_nowait()
+                if job is not None and job.kind == "slot":
+                    for p in job.slots:
+                        self.run.ring.release(p)
         except queue.Empty:
             pass
         self.queue.put(None)
-
-    def shutdown(self) -> None:
-        self.hasher.shutdown(wait=True)
 
     def _loop(self) -> None:
         run = self.run
@@ -429,34 +440,46 @@ class _WriterThread:
             job = self.queue.get()
             if job is None:
                 return
+            handed = False
             try:
                 if run.failure.exc is None:
-                    self._finish(job)
+                    handed = self._finish(job)
             except BaseException as e:  # noqa: BLE001 - handed to the issuing thread
                 run.failure.set(e)
             finally:
-                job.view = None
-                if job.kind == "slot":
-                    for p in job.slots:
-                        if p >= 0:
+                if not handed:
+                    job.view = None
+                    if job.kind == "slot":
+                        for p in job.slots:
                             run.ring.release(p)
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: _Job) -> bool:
+        """Hand ``job`` to the output stage; True once it owns the job's slots (it gives them back)."""
         run = self.run
         item, t = job.item, job.item.tensor
+        seq = run.output.reserve(item)
         if job.kind == "slot":
             self._wait_slots(job)
+            run.runner.release_after(job.gpu_index)  # the chunk's inputs are on the device and done with
         t0 = time.perf_counter()
+        pieces: list[Piece] = []
         if t is not None and item.stop > item.start:
             if job.kind == "slot":
-                self._write_slots(job, t)
+                pieces = self._slot_pieces(job, t)
             elif job.view is not None:
-                self._write_view(job, t)
-        written = finish_chunk(run.plan, run.writer, run.stats, item)
-        run.timers["write"] += time.perf_counter() - t0
-        if job.kind == "slot":
-            run.runner.release_after(job.gpu_index)  # before the slot goes back: bounds registered bytes
-        run.report(job.n_in + written, t if item.last_of_tensor else None, written)
+                pieces = [Piece(t.offset + item.start, job.view.numpy())]
+        run.timers["hand_over"] += time.perf_counter() - t0
+        view, slots = job.view, list(job.slots) if job.kind == "slot" else []
+        job.view = None
+
+        def on_done() -> None:
+            for p in slots:
+                run.ring.release(p)
+            if view is not None:
+                self._release_view(item)
+
+        run.output.submit(seq, item, pieces, job.n_in, on_done)
+        return True
 
     def _wait_slots(self, job: _Job) -> None:
         """Wait for the D2H into each of the job's pinned slots; record the non-finite counts that came with it."""
@@ -470,46 +493,34 @@ class _WriterThread:
                 record_nonfinite(_tensor(job.item), n_bad, run.opts.strict, run.stats, j if many else None)
         run.timers["wait_gpu"] += time.perf_counter() - t0
 
-    def _write_slots(self, job: _Job, t: OutTensor) -> None:
+    def _slot_pieces(self, job: _Job, t: OutTensor) -> list[Piece]:
         run, item = self.run, job.item
         many = len(job.slots) > 1
         n_b = out_bytes(t, item)
+        key = id(t)
         if job.scale_bytes and item.start == 0:
             assert t.scale_out is not None
-            self.scales = [torch.empty(t.scale_out.nbytes, dtype=torch.uint8) for _ in job.slots]
+            self.scales[key] = [torch.empty(t.scale_out.nbytes, dtype=torch.uint8) for _ in job.slots]
+        pieces = []
         for j, p in enumerate(job.slots):
             if job.scale_bytes:
                 new = run.buf.host_out[p][n_b : n_b + job.scale_bytes]
-                self.scales[j][job.scale_at : job.scale_at + job.scale_bytes].copy_(new)
+                self.scales[key][j][job.scale_at : job.scale_at + job.scale_bytes].copy_(new)
             data = run.buf.host_out[p][:n_b]
-            self._write(t.file, t.offset + out_offset(t, item), data.numpy(), j if many else None)
-            del data
-            if j < len(job.slots) - 1:
-                run.ring.release(p)  # written: back to the issuing thread at once
-                job.slots[j] = -1
+            pieces.append(Piece(t.offset + out_offset(t, item), data.numpy(), j if many else None))
         if job.scale_bytes and item.last_of_tensor:
             assert t.scale_out is not None
-            for j, scales in enumerate(self.scales):
-                self._write(t.file, t.scale_out.offset, scales.numpy(), j if many else None)
-            self.scales = []
+            for j, scales in enumerate(self.scales.pop(key)):
+                pieces.append(Piece(t.scale_out.offset, scales.numpy(), j if many else None, after=True))
+        return pieces
 
-    def _write_view(self, job: _Job, t: OutTensor) -> None:
-        run, item = self.run, job.item
-        assert job.view is not None
-        self._write(t.file, t.offset + item.start, job.view.numpy())
+    def _release_view(self, item: WorkItem) -> None:
         # Drop the copied pages from this process, unless a registered window holds them: pages pinned for DMA are
         # left mapped (an unregistration drops them later).
+        run, t = self.run, _tensor(item)
         a, b = t.target.offset + item.start, t.target.offset + item.stop
         if not run.runner.overlaps_occupied((run.work.canon["target"], t.target.file), a, b):
             _checkpoint(run.ckpts, "target").release(t.target, item.start, item.stop)
-
-    def _write(self, file: int, offset: int, data, out: int | None = None) -> None:
-        writer = self.run.writer
-        fut = self.hasher.submit(writer.digest, file, offset, data, out)
-        try:
-            writer.write(file, offset, data, out=out, hashed=True)
-        finally:
-            fut.result()  # in order: one hashing thread, and each chunk waits for its own digest
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -542,8 +553,16 @@ class _Run:
         # A sweep's chunk takes one pinned slot per output at once: two chunks' worth plus a spare keep the GPU
         # issuing the next chunk while the writer drains the previous one (as the CPU engine's output_slots).
         self.slots = engine.slots
-        self.host_slots = engine.host_slots if n_out == 1 else max(engine.host_slots, 2 * n_out + 1)
-        self.work = work = plan_gpu_work(eplan, ckpts, skip, engine.window_bytes, engine.register_ahead_bytes)
+        # Output files in flight: as many SHA-256 streams as the pipeline's output rate needs, from this machine's
+        # measured hash rate (output.hash_files_for), at most one per core and per file; each stream in flight
+        # holds a pinned slot beside the one being filled.
+        self.output_threads = engine.output_threads or default_workers()
+        self.hash_files = hash_files_for(engine.output_rate, self.output_threads, len(plan.files) - len(skip))
+        host = max(engine.host_slots, self.hash_files + 1)
+        self.host_slots = host if n_out == 1 else max(host, 2 * n_out + 1)
+        self.work = work = plan_gpu_work(
+            eplan, ckpts, skip, engine.window_bytes, engine.register_ahead_bytes, self.hash_files
+        )
         self.bound_bytes, self.bound_count = work.windows.live(self.host_slots)
         # A band chunk of an FP8 tensor is whole block rows: its float32 fits the plan's chunk, not necessarily an
         # engine chunk chosen smaller.
@@ -584,6 +603,7 @@ class _Run:
         self.streams = _Streams(be, self.slots, self.host_slots, len(work.gpu_items) if engine.profile else 0)
         be.record(self.streams.s_in, self.streams.start)
         self.report = ProgressCounter(stats, progress, work_bytes(plan, skip), work_tensors(plan, skip))
+        self.output = OutputStage(plan, writer, stats, self.failure, self.report, self.output_threads, self.timers)
         self.writer_thread = _WriterThread(self)
         self.n_direct = self.n_staged = 0
 
@@ -609,6 +629,7 @@ class _Run:
             wt.queue.put(None)
             wt.thread.join()
             self.failure.check()
+            self.output.drain()
             self.be.synchronize()
         except BaseException:
             self._abort()
@@ -894,9 +915,9 @@ class _Run:
         self._close()
 
     def _close(self) -> None:
+        self.output.shutdown()  # every write and digest has returned: no thread reads a pinned slot any more
         self.runner.close()
         self.buf.shutdown()
-        self.writer_thread.shutdown()
 
     def _collect_stats(self, peak_rss: int) -> None:
         be, stats, timers, work, runner, engine = self.be, self.stats, self.timers, self.work, self.runner, self.engine
@@ -913,6 +934,10 @@ class _Run:
             f"cuda engine: {self.slots} device slots x ({work.inputs_max} in + {self.n_out} out"
             f"{' + acc' if self.buf.dev_acc else ''}) x {self.slot_bytes} B, {self.host_slots} pinned output slots, "
             f"{mode}; window {engine.window_bytes} B, read-ahead {engine.register_ahead_bytes} B"
+        )
+        stats.notes.append(
+            f"cuda engine: {self.output_threads} output thread(s) (writes + SHA-256 per file), {self.hash_files} "
+            f"output file(s) in flight, {self.output.max_hashing} hashed at once"
         )
         stats.notes.append(
             f"cuda engine: {len(work.gpu_items)} GPU chunks, inputs {self.n_direct} DMA'd from registered windows and "
