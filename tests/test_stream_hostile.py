@@ -538,3 +538,18 @@ def test_fp8_nan_scale_in_a_streamed_shard_names_the_hub_file(hub, poisoned_fp8,
         streammerge.merge(*_serve_fp8(hub, dirs), tmp_path / "o", device="cpu", stream=True)
     assert f"org/f8s@{hub.commit('org/f8s')[:12]}" in str(e.value), str(e.value)
     assert "streammerge-inputs" not in str(e.value)
+
+
+def test_several_compute_threads_stream_without_probing_shards_not_there_yet(hub, refs, tmp_path, monkeypatch):
+    # the CPU engine samples its inputs' page-cache residency before it starts when it has more than one compute
+    # thread (engines/cpu.py); mapping a streamed shard that has not arrived would wait for ever
+    from streammerge.engines import cpu
+
+    monkeypatch.setattr(cpu, "default_workers", lambda: 2)
+    r = _bounded(
+        lambda: streammerge.merge(
+            "org/t", "org/s", "org/g", tmp_path / "o", device="cpu", stream=True, download_workers=1
+        ),
+        timeout_s=30,
+    )
+    assert _weights(tmp_path / "o") == refs["merge"] and "2 compute" in " ".join(r.warnings)
