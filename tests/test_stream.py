@@ -188,7 +188,8 @@ def test_tight_bound_refetches_and_the_sampled_disk_stays_under_it(hub, trio_dir
             stop.set()
             sampler.join()
     assert 0 < peak[0] <= minimum
-    # as planned: the refetched shards were downloaded that many times, the others once
+    # as planned, at most: every shard downloaded, a refetched one no more often than planned (a refetch is skipped
+    # when the merge read the shard's later tensors before its first copy was deleted), the others once
     full = {}
     for q in server.requests:
         if q.method == "GET" and q.path.endswith(".safetensors") and q.range is None:
@@ -196,8 +197,8 @@ def test_tight_bound_refetches_and_the_sampled_disk_stays_under_it(hub, trio_dir
             full[key] = full.get(key, 0) + 1
     roles = {"t": "target", "s": "sft", "g": "grpo"}
     got = {f"{roles[k.split(':')[0]]}:{k.split(':')[1]}": v for k, v in full.items() if v > 1}
-    assert got == planned["refetched"] and len(full) == planned["shards"]
-    assert sum(full.values()) == planned["fetches"]
+    assert all(v <= planned["refetched"].get(k, 1) for k, v in got.items()) and len(full) == planned["shards"]
+    assert planned["shards"] <= sum(full.values()) <= planned["fetches"]
     ref = tmp_path / "ref"
     streammerge.merge(*trio_dirs, ref, device="cpu")
     a, b = load_all(out), load_all(ref)
