@@ -421,7 +421,7 @@ class Streamer:
 
     def notes(self) -> list[str]:
         s = self.sched
-        waited = sum(g.waited_s for g in {id(f.gate): f.gate for f in s.fetches}.values())
+        waited = self.waited()
         again = sum(s.refetched().values()) - len(s.refetched())
         return [
             f"stream: {len(s.fetches)} shard download(s) ({human_bytes(s.downloaded)}"

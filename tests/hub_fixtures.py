@@ -84,6 +84,37 @@ def hub_env(
         yield dict(env)
 
 
+@contextlib.contextmanager
+def sampled_disk(folder: Path, every_s: float = 0.005) -> Iterator[list[int]]:
+    """Within: a thread samples the apparent bytes of the shards and partial downloads (``*.safetensors``,
+    ``*.incomplete``) under ``folder``; the yielded list's one item is the peak seen (final once the block ends)."""
+    import os
+    import threading
+
+    stop, peak = threading.Event(), [0]
+
+    def sample() -> None:
+        while not stop.is_set():
+            total = 0
+            for dirpath, _, files in os.walk(folder):
+                for name in files:
+                    if name.endswith((".safetensors", ".incomplete")):
+                        try:
+                            total += os.stat(os.path.join(dirpath, name)).st_size
+                        except OSError:
+                            pass
+            peak[0] = max(peak[0], total)
+            stop.wait(every_s)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
 @pytest.fixture
 def hub_server(tmp_path) -> Iterator[HubServer]:
     """A started, empty HubServer with this process's huggingface_hub pointed at it (HF_HOME under tmp_path)."""
@@ -91,4 +122,4 @@ def hub_server(tmp_path) -> Iterator[HubServer]:
         yield server
 
 
-__all__ = ["HubServer", "hub_env", "hub_server"]
+__all__ = ["HubServer", "hub_env", "hub_server", "sampled_disk"]

@@ -14,14 +14,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import load_all, make_related, streammerge_cmd, tree_digest, write_checkpoint
-from hub_fixtures import HubServer, hub_env
+from hub_fixtures import HubServer, hub_env, sampled_disk
 
 import streammerge
 from streammerge.errors import OptionsError
@@ -146,20 +145,6 @@ def test_download_order_follows_first_use(hub, tmp_path):
     assert order[4] == ("t", "model-00002-of-00004.safetensors")
 
 
-def _sample_disk(folder: Path, stop: threading.Event, peak: list[int]) -> None:
-    while not stop.is_set():
-        total = 0
-        for dirpath, _, files in os.walk(folder):
-            for f in files:
-                if f.endswith((".safetensors", ".incomplete")):
-                    try:
-                        total += os.stat(os.path.join(dirpath, f)).st_size
-                    except OSError:
-                        pass
-        peak[0] = max(peak[0], total)
-        time.sleep(0.005)
-
-
 def test_tight_bound_refetches_and_the_sampled_disk_stays_under_it(hub, trio_dirs, tmp_path):
     server, env = hub
     minimum = _plan_stream(env)["minimum_bound"]
@@ -168,25 +153,18 @@ def test_tight_bound_refetches_and_the_sampled_disk_stays_under_it(hub, trio_dir
     server.clear_log()
     server.rate_bytes_per_s = 20e6  # long enough to be sampled
     scratch, out = tmp_path / "scratch", tmp_path / "o"
-    stop, peak = threading.Event(), [0]
-    with hub_env(server, tmp_path / "hf-in"):
-        sampler = threading.Thread(target=_sample_disk, args=(scratch, stop, peak))
-        sampler.start()
-        try:
-            report = streammerge.merge(
-                "org/t",
-                "org/s",
-                "org/g",
-                out,
-                device="cpu",
-                stream=True,
-                stream_disk=minimum,
-                stream_dir=str(scratch),
-                download_workers=2,
-            )
-        finally:
-            stop.set()
-            sampler.join()
+    with hub_env(server, tmp_path / "hf-in"), sampled_disk(scratch) as peak:
+        report = streammerge.merge(
+            "org/t",
+            "org/s",
+            "org/g",
+            out,
+            device="cpu",
+            stream=True,
+            stream_disk=minimum,
+            stream_dir=str(scratch),
+            download_workers=2,
+        )
     assert 0 < peak[0] <= minimum
     # as planned, at most: every shard downloaded, a refetched one no more often than planned (a refetch is skipped
     # when the merge read the shard's later tensors before its first copy was deleted), the others once

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_related, streammerge_cmd, write_checkpoint
-from hub_fixtures import HubServer, hub_env
+from hub_fixtures import HubServer, hub_env, sampled_disk
 
 import streammerge
 from streammerge.errors import CheckpointError, DownloadError, EngineError, StreamMergeError
@@ -337,24 +337,8 @@ def test_least_bound_any_workers_and_threads_run_as_planned_within_the_sampled_b
     assert planned["refetched"]
     hub.clear_log()
     hub.rate_bytes_per_s = 2e6  # slow enough to be sampled a few hundred times
-    scratch, stop, peak = tmp_path / "scratch", threading.Event(), [0]
-
-    def sample() -> None:
-        while not stop.is_set():
-            total = 0
-            for dirpath, _, files in os.walk(scratch):
-                for name in files:
-                    if name.endswith((".safetensors", ".incomplete")):
-                        try:
-                            total += os.stat(os.path.join(dirpath, name)).st_size
-                        except OSError:
-                            pass
-            peak[0] = max(peak[0], total)
-            stop.wait(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    scratch = tmp_path / "scratch"
+    with sampled_disk(scratch, every_s=0.002) as peak:
         streammerge.merge(
             "org/t",
             "org/s",
@@ -367,9 +351,6 @@ def test_least_bound_any_workers_and_threads_run_as_planned_within_the_sampled_b
             download_workers=workers,
             threads=threads,
         )
-    finally:
-        stop.set()
-        sampler.join()
     assert 0 < peak[0] <= least
     got = _fetches(hub)  # at most as planned: a refetch the merge did not need (it read ahead) is skipped
     assert sum(got.values()) <= planned["fetches"] and len(got) == planned["shards"]
